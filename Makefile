@@ -1,0 +1,27 @@
+# Thin targets; each installs what it needs into the current Python environment, then calls the real code.
+# torch: the CPU build 2.13.0 is installed only when no torch is present (GPU users install their own first).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install install-test test demo bench bench-quality
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e peft
+
+install-test:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	@$(PYTHON) -c "import deepspeed" 2>/dev/null || $(PIP) install --no-build-isolation "deepspeed>=0.16"
+	$(PIP) install -e "peft[test,train,eval]"
+
+test: install-test
+	$(PYTHON) -m pytest tests
+
+demo: install
+	$(PYTHON) -m tlora.demo
+
+bench: install-test
+	$(PYTHON) bench/run.py
+
+bench-quality: install-test
+	$(PYTHON) bench/run.py --quality

@@ -1,0 +1,357 @@
+"""Step 2 of TLoRA: ranks and scales of all target modules under a fixed budget (pure functions on numbers).
+
+Ranks are proportional to sensitivity, `rho_l = R * S_l / sum_k S_k`, bounded by `min_rank <= r_l <= min(m_l, n_l)`
+(a capped module's excess goes to the others in proportion to S), and made integral by the largest-remainder
+method so that `sum_l r_l = R` exactly. Scales are `alpha_l = max(alpha, round(alpha * L * S_l / sum_k S_k))`, and a
+module's effective scaling is `alpha_l / r` with the nominal `r` (PEFT needs `alpha_pattern[l] = alpha_l * r_l / r`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+PLAN_FORMAT_VERSION = 1
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+class BudgetError(ValueError):
+    """The requested budget cannot be met by any allocation."""
+
+
+@dataclass
+class ModulePlan:
+    """The allocation of one target module."""
+
+    name: str
+    out_features: int
+    in_features: int
+    sensitivity: float
+    rank: int
+    alpha: float
+    scaling: float
+    lora_alpha: float
+    budget_share: float
+    trainable_parameters: int
+    layer: Optional[int] = None
+    module_type: str = ""
+
+
+@dataclass
+class TLoRAPlan:
+    """Per-module ranks and scales for all target modules, plus the settings that produced them."""
+
+    r: int
+    lora_alpha: float
+    budget_type: str
+    budget: int
+    budget_spent: int
+    min_rank: int
+    allocate_scales: bool
+    use_rslora: bool
+    freeze_lora_A: bool
+    modules: list[ModulePlan]
+    sensitivity_mode: str = "per_sample"
+    num_samples: int = 0
+    format_version: int = PLAN_FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    # ----- views used by PEFT -----
+    def target_modules(self) -> list[str]:
+        """Names of the modules that receive an adapter (rank > 0)."""
+        return [module.name for module in self.modules if module.rank > 0]
+
+    def rank_pattern(self) -> dict[str, int]:
+        """PEFT `rank_pattern`: module name -> r_l for every adapted module."""
+        return {module.name: module.rank for module in self.modules if module.rank > 0}
+
+    def alpha_pattern(self) -> dict[str, float]:
+        """PEFT `alpha_pattern`: module name -> the lora_alpha that makes PEFT's scaling equal alpha_l / r."""
+        return {module.name: module.lora_alpha for module in self.modules if module.rank > 0}
+
+    def module(self, name: str) -> ModulePlan:
+        """The plan entry of one module."""
+        for module in self.modules:
+            if module.name == name:
+                return module
+        raise KeyError(name)
+
+    # ----- totals -----
+    @property
+    def total_rank(self) -> int:
+        return sum(module.rank for module in self.modules)
+
+    @property
+    def trainable_parameters(self) -> int:
+        """Adapter parameters that train under this plan (B only when A is frozen)."""
+        return sum(module.trainable_parameters for module in self.modules)
+
+    @property
+    def lora_trainable_parameters(self) -> int:
+        """Trainable parameters of plain LoRA (A and B) at the nominal r on the same target modules."""
+        return sum(self.r * (module.out_features + module.in_features) for module in self.modules)
+
+    @property
+    def dropped_modules(self) -> list[str]:
+        """Target modules that received rank 0 and therefore no adapter."""
+        return [module.name for module in self.modules if module.rank == 0]
+
+    # ----- serialisation -----
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["total_rank"] = self.total_rank
+        data["trainable_parameters"] = self.trainable_parameters
+        data["lora_trainable_parameters"] = self.lora_trainable_parameters
+        data["dropped_modules"] = self.dropped_modules
+        return data
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TLoRAPlan":
+        data = dict(data)
+        for derived in ("total_rank", "trainable_parameters", "lora_trainable_parameters", "dropped_modules"):
+            data.pop(derived, None)
+        version = data.get("format_version", PLAN_FORMAT_VERSION)
+        if version > PLAN_FORMAT_VERSION:
+            raise ValueError(f"plan format version {version} is newer than this tlora ({PLAN_FORMAT_VERSION})")
+        data["modules"] = [ModulePlan(**module) for module in data["modules"]]
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON (the file name should contain 'plan', e.g. tlora_plan.json)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TLoRAPlan":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def layer_and_type(name: str) -> tuple[Optional[int], str]:
+    """Split a module name into its layer index and module type ('model.layers.3.mlp.up_proj' -> 3, 'mlp.up_proj')."""
+    match = _LAYER_INDEX.search(name)
+    if match is None:
+        return None, name
+    return int(match.group(1)), name[match.end() :]
+
+
+def _round_half_up(value: float) -> int:
+    return int(math.floor(value + 0.5))
+
+
+def proportional_shares(
+    weights: Sequence[float],
+    total: float,
+    lower: Sequence[float],
+    upper: Sequence[float],
+    costs: Optional[Sequence[float]] = None,
+) -> list[float]:
+    """Real shares rho_l = clip(lam * w_l, lower_l, upper_l) with sum_l cost_l * rho_l = total (lam solved exactly).
+
+    The function `lam -> sum cost * clip(lam * w, lower, upper)` is piecewise linear and non-decreasing; its
+    breakpoints are lower_l / w_l and upper_l / w_l, so the solution is found exactly on one linear piece.
+    """
+    count = len(weights)
+    costs = [1.0] * count if costs is None else [float(c) for c in costs]
+    weights = [float(w) for w in weights]
+    if any(w < 0 or not math.isfinite(w) for w in weights):
+        raise ValueError("sensitivities must be finite and non-negative")
+    low_total = sum(c * lo for c, lo in zip(costs, lower))
+    high_total = sum(c * hi for c, hi in zip(costs, upper))
+    if total < low_total - 1e-9:
+        raise BudgetError(f"budget {total:g} is below the {low_total:g} that the minimum ranks need")
+    if total > high_total + 1e-9:
+        raise BudgetError(f"budget {total:g} exceeds the {high_total:g} that the capacities min(m, n) allow")
+    if sum(w for w in weights) == 0:
+        raise BudgetError("all sensitivities are zero: the calibration loss had no gradient on any target module")
+
+    def filled(lam: float) -> float:
+        return sum(c * min(max(lam * w, lo), hi) for c, w, lo, hi in zip(costs, weights, lower, upper))
+
+    breakpoints = sorted(
+        {b / w for w, lo, hi in zip(weights, lower, upper) if w > 0 for b in (lo, hi)} | {0.0}
+    )
+    # Find the linear piece [a, b] with filled(a) <= total <= filled(b).
+    low_lam, high_lam = 0.0, breakpoints[-1]
+    for point in breakpoints:
+        if filled(point) >= total:
+            high_lam = point
+            break
+        low_lam = point
+    # On (low_lam, high_lam) the active set (lower < lam * w < upper) is fixed: solve the linear equation.
+    middle = 0.5 * (low_lam + high_lam)
+    fixed = 0.0
+    slope = 0.0
+    for c, w, lo, hi in zip(costs, weights, lower, upper):
+        value = middle * w
+        if w > 0 and lo < value < hi:
+            slope += c * w
+        else:
+            fixed += c * min(max(value, lo), hi)
+    lam = high_lam if slope == 0 else (total - fixed) / slope
+    return [min(max(lam * w, lo), hi) for w, lo, hi in zip(weights, lower, upper)]
+
+
+def allocate_ranks(
+    sensitivities: Sequence[float],
+    capacities: Sequence[int],
+    budget: int,
+    min_rank: int = 0,
+    costs: Optional[Sequence[int]] = None,
+) -> list[int]:
+    """Integer ranks proportional to sensitivity, within [min_rank, capacity], by the largest-remainder method.
+
+    With `costs=None` the budget is a total rank and is spent exactly. With per-rank `costs` (parameters per unit
+    of rank) the budget is a parameter count: it is never exceeded and is spent as fully as integer ranks allow.
+    """
+    count = len(sensitivities)
+    if len(capacities) != count:
+        raise ValueError("sensitivities and capacities differ in length")
+    if count == 0:
+        raise BudgetError("there are no target modules to allocate a budget to")
+    if budget <= 0:
+        raise BudgetError(f"budget must be positive, got {budget}")
+    lower = [min(min_rank, cap) for cap in capacities]
+    shares = proportional_shares(sensitivities, budget, lower, capacities, costs)
+    ranks = [max(lo, min(cap, math.floor(share + 1e-9))) for share, lo, cap in zip(shares, lower, capacities)]
+    remainders = [share - rank for share, rank in zip(shares, ranks)]
+    # Largest remainder first; ties go to the more sensitive module, then to the earlier one.
+    order = sorted(range(count), key=lambda i: (-remainders[i], -sensitivities[i], i))
+    if costs is None:
+        missing = budget - sum(ranks)
+        # sum(shares) == budget, so `missing` equals the sum of the remainders (< number of modules); modules
+        # with a zero remainder come last in `order` and only absorb floating-point slack.
+        for index in order:
+            if missing == 0:
+                break
+            if ranks[index] < capacities[index]:
+                ranks[index] += 1
+                missing -= 1
+        if missing != 0:
+            raise BudgetError(f"could not spend the rank budget exactly ({missing} left)")
+        return ranks
+    # Parameter budget: round up the modules with the largest remainders while the budget allows; every module
+    # ends at floor or ceil of its share and what is left is smaller than the cost of any module still below it.
+    remaining = budget - sum(c * r for c, r in zip(costs, ranks))
+    for index in order:
+        if remainders[index] > 1e-9 and ranks[index] < capacities[index] and costs[index] <= remaining:
+            ranks[index] += 1
+            remaining -= costs[index]
+    return ranks
+
+
+def allocate_scales(sensitivities: Sequence[float], lora_alpha: float) -> list[float]:
+    """alpha_l = max(alpha, round(alpha * L * S_l / sum_k S_k)), rounding halves up."""
+    total = sum(sensitivities)
+    count = len(sensitivities)
+    if total <= 0:
+        raise BudgetError("all sensitivities are zero: scales cannot be allocated")
+    return [max(lora_alpha, _round_half_up(lora_alpha * count * s / total)) for s in sensitivities]
+
+
+@dataclass
+class ModuleInfo:
+    """What allocation needs to know of one target module."""
+
+    name: str
+    out_features: int
+    in_features: int
+    sensitivity: float
+
+
+def derive_plan(
+    modules: Iterable[ModuleInfo],
+    r: int,
+    lora_alpha: float,
+    *,
+    rank_budget: Optional[int] = None,
+    parameter_budget: Optional[int] = None,
+    min_rank: int = 0,
+    allocate_scales_: bool = True,
+    use_rslora: bool = False,
+    freeze_lora_A: bool = True,
+    sensitivity_mode: str = "per_sample",
+    num_samples: int = 0,
+) -> TLoRAPlan:
+    """Allocate ranks and scales to `modules` (in a fixed order) and return the plan."""
+    modules = list(modules)
+    if not modules:
+        raise BudgetError("there are no target modules to allocate a budget to")
+    if rank_budget is not None and parameter_budget is not None:
+        raise ValueError("give either rank_budget or parameter_budget, not both")
+    sensitivities = [float(m.sensitivity) for m in modules]
+    for module, value in zip(modules, sensitivities):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"sensitivity of {module.name} is {value}; it must be finite and >= 0")
+    capacities = [min(m.out_features, m.in_features) for m in modules]
+    per_rank_cost = [m.out_features + (0 if freeze_lora_A else m.in_features) for m in modules]
+    if parameter_budget is not None:
+        budget_type, budget = "parameters", int(parameter_budget)
+        needed = sum(min(min_rank, cap) * cost for cap, cost in zip(capacities, per_rank_cost))
+        if budget < needed:
+            raise BudgetError(
+                f"parameter budget {budget} is smaller than the {needed} parameters that min_rank={min_rank} needs "
+                f"on {len(modules)} target modules"
+            )
+        ranks = allocate_ranks(sensitivities, capacities, budget, min_rank, costs=per_rank_cost)
+    else:
+        budget_type = "rank"
+        budget = int(rank_budget) if rank_budget is not None else r * len(modules)
+        if budget < min_rank * len(modules):
+            raise BudgetError(
+                f"rank budget {budget} is smaller than min_rank={min_rank} x {len(modules)} target modules "
+                f"= {min_rank * len(modules)}; lower min_rank or raise the budget"
+            )
+        if budget > sum(capacities):
+            raise BudgetError(
+                f"rank budget {budget} exceeds the total capacity {sum(capacities)} (sum of min(out, in) over the "
+                f"{len(modules)} target modules); lower r or pass rank_budget"
+            )
+        ranks = allocate_ranks(sensitivities, capacities, budget, min_rank)
+
+    alphas = allocate_scales(sensitivities, lora_alpha) if allocate_scales_ else [lora_alpha] * len(modules)
+    norm = math.sqrt if use_rslora else float
+    total_rank = sum(ranks)
+    entries = []
+    for module, rank, alpha, cost in zip(modules, ranks, alphas, per_rank_cost):
+        scaling = alpha / norm(r)
+        layer, module_type = layer_and_type(module.name)
+        entries.append(
+            ModulePlan(
+                name=module.name,
+                out_features=module.out_features,
+                in_features=module.in_features,
+                sensitivity=module.sensitivity,
+                rank=rank,
+                alpha=alpha,
+                scaling=scaling,
+                lora_alpha=scaling * norm(rank) if rank > 0 else 0.0,
+                budget_share=rank / total_rank if total_rank else 0.0,
+                trainable_parameters=rank * cost,
+                layer=layer,
+                module_type=module_type,
+            )
+        )
+    spent = total_rank if budget_type == "rank" else sum(e.trainable_parameters for e in entries)
+    return TLoRAPlan(
+        r=r,
+        lora_alpha=lora_alpha,
+        budget_type=budget_type,
+        budget=budget,
+        budget_spent=spent,
+        min_rank=min_rank,
+        allocate_scales=allocate_scales_,
+        use_rslora=use_rslora,
+        freeze_lora_A=freeze_lora_A,
+        modules=entries,
+        sensitivity_mode=sensitivity_mode,
+        num_samples=num_samples,
+    )

@@ -1,0 +1,117 @@
+"""`TLoRAConfig`: a `peft.LoraConfig` plus the settings of TLoRA's calibration, allocation and initialisation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from peft import LoraConfig
+
+SENSITIVITY_MODES = ("per_sample", "batch")
+SVD_METHODS = ("gram", "exact", "randomized")
+STATISTICS_DTYPES = ("float32", "float64")
+
+
+@dataclass
+class TLoRAConfig(LoraConfig):
+    """LoRA configuration whose ranks, scales and `A` are fitted to the task by TLoRA.
+
+    Every `LoraConfig` field keeps its PEFT meaning; `r` and `lora_alpha` are the *nominal* rank and alpha. The
+    adapter that TLoRA builds is an ordinary LoRA adapter (`peft_type` LORA): per-module ranks and alphas are
+    written into `rank_pattern` and `alpha_pattern` of a plain `LoraConfig` (see `to_lora_config`).
+    """
+
+    rank_budget: Optional[int] = field(
+        default=None,
+        metadata={"help": "Total rank R spread over all target modules. Default: r x number of target modules."},
+    )
+    parameter_budget: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Trainable-parameter budget instead of a rank budget (sum of r_l * out_features, plus "
+            "r_l * in_features when A is not frozen). Mutually exclusive with rank_budget."
+        },
+    )
+    min_rank: int = field(default=0, metadata={"help": "Smallest rank a target module may receive (0: may be dropped)."})
+    allocate_scales: bool = field(
+        default=True,
+        metadata={
+            "help": "Allocate per-module scales alpha_l = max(alpha, round(alpha * L * S_l / sum S)). When False every "
+            "module keeps the nominal scaling alpha / r."
+        },
+    )
+    freeze_lora_A: bool = field(default=True, metadata={"help": "Keep A frozen at its SVD initialisation (train B only)."})
+    sensitivity: Literal["per_sample", "batch"] = field(
+        default="per_sample",
+        metadata={
+            "help": "'per_sample': mean|W * dl_s/dW| per sample, averaged (the method's definition, at any batch "
+            "size). 'batch': |W * grad| of each micro-batch's loss, an approximation that is cheaper at large batches."
+        },
+    )
+    svd_method: Literal["gram", "exact", "randomized"] = field(
+        default="gram",
+        metadata={
+            "help": "How the top right singular vectors of W C are found: 'gram' (eigh of the smaller Gram matrix, "
+            "float64), 'exact' (full SVD, float64) or 'randomized' (subspace iteration with oversampling)."
+        },
+    )
+    svd_oversampling: int = field(default=16, metadata={"help": "Extra columns for svd_method='randomized'."})
+    svd_niter: int = field(default=8, metadata={"help": "Power iterations for svd_method='randomized'."})
+    statistics_dtype: Literal["float32", "float64"] = field(
+        default="float32", metadata={"help": "Accumulation dtype of the calibration statistics."}
+    )
+    statistics_device: Optional[str] = field(
+        default=None,
+        metadata={"help": "Device that holds the statistics (e.g. 'cpu' to offload). Default: each module's device."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rank_budget is not None and self.parameter_budget is not None:
+            raise ValueError("Give either rank_budget or parameter_budget, not both.")
+        if self.rank_budget is not None and self.rank_budget <= 0:
+            raise ValueError(f"rank_budget must be positive, got {self.rank_budget}.")
+        if self.parameter_budget is not None and self.parameter_budget <= 0:
+            raise ValueError(f"parameter_budget must be positive, got {self.parameter_budget}.")
+        if self.min_rank < 0:
+            raise ValueError(f"min_rank must be >= 0, got {self.min_rank}.")
+        if self.r <= 0:
+            raise ValueError(f"r must be positive, got {self.r}.")
+        if self.sensitivity not in SENSITIVITY_MODES:
+            raise ValueError(f"sensitivity must be one of {SENSITIVITY_MODES}, got {self.sensitivity!r}.")
+        if self.svd_method not in SVD_METHODS:
+            raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}.")
+        if self.statistics_dtype not in STATISTICS_DTYPES:
+            raise ValueError(f"statistics_dtype must be one of {STATISTICS_DTYPES}, got {self.statistics_dtype!r}.")
+        if self.svd_oversampling < 0 or self.svd_niter < 0:
+            raise ValueError("svd_oversampling and svd_niter must be >= 0.")
+        if self.init_lora_weights is not True:
+            raise ValueError(
+                "TLoRA initialises A itself (top right singular vectors of W C) and B = 0; leave init_lora_weights "
+                f"at its default True (got {self.init_lora_weights!r})."
+            )
+        if self.use_dora:
+            raise ValueError("TLoRA builds plain LoRA adapters; use_dora=True is not supported.")
+        if self.target_parameters:
+            raise ValueError("TLoRA adapts nn.Linear / Conv1D modules; target_parameters is not supported.")
+
+    def lora_config_kwargs(self) -> dict:
+        """The values of the plain `LoraConfig` fields of this configuration."""
+        names = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+        return {name: getattr(self, name) for name in names}
+
+    def to_lora_config(self, plan) -> LoraConfig:
+        """A standard `LoraConfig` that realises `plan`: its modules, `rank_pattern` and `alpha_pattern`."""
+        kwargs = self.lora_config_kwargs()
+        kwargs.update(
+            target_modules=list(plan.target_modules()),
+            rank_pattern=plan.rank_pattern(),
+            alpha_pattern=plan.alpha_pattern(),
+            init_lora_weights=True,
+        )
+        # These were resolved into the explicit list of module names above.
+        kwargs.pop("exclude_modules", None)
+        kwargs["layers_to_transform"] = None
+        kwargs["layers_pattern"] = None
+        return LoraConfig(**kwargs)

@@ -1,0 +1,86 @@
+"""The few `torch.distributed` operations TLoRA needs, each a no-op in a single process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def communication_device() -> torch.device:
+    """The device collective tensors must live on for the current backend."""
+    backend = dist.get_backend()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend not in ("gloo", "mpi") and hasattr(torch, "accelerator") and torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator()
+    return torch.device("cpu")
+
+
+def all_reduce_sum_(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum each tensor over all ranks, in place."""
+    if not is_distributed():
+        return
+    device = communication_device()
+    for tensor in tensors:
+        if tensor.device == device:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        else:
+            staged = tensor.to(device)
+            dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+            tensor.copy_(staged.to(tensor.device))
+
+
+def broadcast_(tensor: torch.Tensor, src: int) -> None:
+    """Overwrite `tensor` on every rank with its value on rank `src`, in place."""
+    if not is_distributed():
+        return
+    device = communication_device()
+    if tensor.device == device:
+        dist.broadcast(tensor, src=src)
+    else:
+        staged = tensor.to(device)
+        dist.broadcast(staged, src=src)
+        tensor.copy_(staged.to(tensor.device))
+
+
+def broadcast_json(obj: Any, src: int = 0) -> Any:
+    """`obj` (JSON-serialisable data) as it is on rank `src`; sent as UTF-8 bytes, never pickled."""
+    if not is_distributed():
+        return obj
+    device = communication_device()
+    payload = json.dumps(obj).encode() if dist.get_rank() == src else b""
+    length = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(length, src=src)
+    buffer = torch.zeros(int(length.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == src:
+        buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buffer, src=src)
+    return json.loads(bytes(buffer.cpu().tolist()).decode())
+
+
+def check_identical_across_ranks(payload: bytes, what: str) -> None:
+    """Raise if `payload` differs between ranks (compared through a SHA-256 digest)."""
+    if not is_distributed():
+        return
+    digest = torch.tensor(list(hashlib.sha256(payload).digest()), dtype=torch.int64, device=communication_device())
+    low, high = digest.clone(), digest.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"ranks disagree on {what}; every rank must derive the identical TLoRA plan and A")
