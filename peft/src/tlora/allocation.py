@@ -164,6 +164,10 @@ def proportional_shares(
     weights = [float(w) for w in weights]
     if any(w < 0 or not math.isfinite(w) for w in weights):
         raise ValueError("sensitivities must be finite and non-negative")
+    # Only ratios matter: scale to a maximum of 1 and treat what underflows relative to it as zero.
+    largest = max(weights, default=0.0)
+    if largest > 0:
+        weights = [w / largest if w / largest > 1e-200 else 0.0 for w in weights]
     low_total = sum(c * lo for c, lo in zip(costs, lower))
     high_total = sum(c * hi for c, hi in zip(costs, upper))
     if total < low_total - 1e-9:
@@ -172,6 +176,13 @@ def proportional_shares(
         raise BudgetError(f"budget {total:g} exceeds the {high_total:g} that the capacities min(m, n) allow")
     if sum(w for w in weights) == 0:
         raise BudgetError("all sensitivities are zero: the calibration loss had no gradient on any target module")
+    reachable = sum(c * (hi if w > 0 else lo) for c, w, lo, hi in zip(costs, weights, lower, upper))
+    if total > reachable + 1e-9:
+        zero = sum(1 for w in weights if w == 0)
+        raise BudgetError(
+            f"budget {total:g} exceeds the {reachable:g} that fits into the modules with non-zero sensitivity "
+            f"({zero} modules have zero sensitivity and stay at their minimum rank); lower the budget"
+        )
 
     def filled(lam: float) -> float:
         return sum(c * min(max(lam * w, lo), hi) for c, w, lo, hi in zip(costs, weights, lower, upper))

@@ -31,6 +31,22 @@ def _orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
     return q * diagonal
 
 
+GRAM_TOLERANCE = 1e-8
+
+
+def _gram_error_bound(eigenvalues: torch.Tensor, k: int) -> float:
+    """A Davis-Kahan estimate of the top-k subspace error of a float64 eigh: eps * lambda_1 / (lambda_k - lambda_k+1)."""
+    largest = float(eigenvalues[-1])
+    kth = float(eigenvalues[-k])
+    following = float(eigenvalues[-k - 1]) if eigenvalues.numel() > k else 0.0
+    gap = kth - max(following, 0.0)
+    if largest <= 0:
+        return 0.0
+    if gap <= 0:
+        return float("inf")
+    return torch.finfo(torch.float64).eps * largest / gap
+
+
 def top_right_singular_vectors(
     matrix: torch.Tensor,
     k: int,
@@ -43,8 +59,9 @@ def top_right_singular_vectors(
     """The top-k right singular vectors of `matrix` (m x n) as the rows of a (k x n) float64 tensor.
 
     * "exact": full SVD.
-    * "gram": eigendecomposition of the smaller Gram matrix (M^T M, or M M^T followed by V = M^T U / |.|), in
-      float64 so that squaring the condition number costs no accuracy in the top-k subspace.
+    * "gram": eigendecomposition of the smaller Gram matrix (M^T M, or M M^T followed by V = M^T U / |.|) in
+      float64; where the a-priori error bound eps * lambda_1 / (lambda_k - lambda_k+1) exceeds 1e-8 (a very wide
+      spectrum or a vanishing gap after k) that matrix falls back to the exact SVD.
     * "randomized": subspace iteration with `oversampling` extra columns and `niter` power iterations, then
       Rayleigh-Ritz; fast, but accurate only when the spectrum has a gap after k (see the tests and benchmarks).
     """
@@ -56,13 +73,17 @@ def top_right_singular_vectors(
         _, _, vh = torch.linalg.svd(m, full_matrices=False)
         top = vh[:k]
     elif method == "gram":
-        if cols <= rows:
-            _, vectors = torch.linalg.eigh(m.t() @ m)
+        gram = m.t() @ m if cols <= rows else m @ m.t()
+        values, vectors = torch.linalg.eigh(gram)
+        if _gram_error_bound(values, k) > GRAM_TOLERANCE:
+            # The squared spectrum is too wide (or the gap after k too narrow) for the Gram route to resolve the
+            # subspace: take the exact SVD for this matrix.
+            _, _, vh = torch.linalg.svd(m, full_matrices=False)
+            top = vh[:k]
+        elif cols <= rows:
             top = vectors[:, -k:].flip(-1).t()
         else:
-            _, vectors = torch.linalg.eigh(m @ m.t())
-            left = vectors[:, -k:].flip(-1)
-            top = _orthonormal_columns(m.t() @ left).t()
+            top = _orthonormal_columns(m.t() @ vectors[:, -k:].flip(-1)).t()
     elif method == "randomized":
         width = min(cols, k + oversampling)
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -147,12 +168,14 @@ def digest_lora_A(lora_A: dict[str, torch.Tensor]) -> bytes:
 
 
 def projector_distance(first: torch.Tensor, second: torch.Tensor) -> float:
-    """|| P1 - P2 ||_F / sqrt(2k) for the row spaces of two (k x n) orthonormal matrices: 0 equal, 1 orthogonal."""
-    first, second = first.double(), second.double()
-    overlap = torch.linalg.matrix_norm(first @ second.t()) ** 2
-    k = first.shape[0]
-    value = (2 * k - 2 * overlap) / (2 * k)
-    return float(torch.clamp(value, min=0).sqrt())
+    """|| P1 - P2 ||_F / sqrt(2k) for the row spaces of two (k x n) orthonormal matrices: 0 equal, 1 orthogonal.
+
+    Computed as || A1^T - A2^T A2 A1^T ||_F / sqrt(k) (the sines of the principal angles), which has no
+    cancellation, so distances down to the float64 rounding level are resolved.
+    """
+    first, second = first.double(), second.to(first.device).double()
+    residual = first.t() - second.t() @ (second @ first.t())
+    return float(torch.linalg.matrix_norm(residual) / first.shape[0] ** 0.5)
 
 
 def captured_energy(matrix: torch.Tensor, rows: torch.Tensor, reference: Optional[torch.Tensor] = None) -> float:

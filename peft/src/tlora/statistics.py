@@ -671,6 +671,13 @@ def _probe_layout(
         raise CalibrationError(
             f"target modules never called in a forward pass: {never[:6]}; remove them from target_modules"
         )
+    flat = [n for n, tensor in seen.items() if tensor.dim() != 3]
+    if flat:
+        raise CalibrationError(
+            f"target modules {flat[:4]} see one vector per sample (input shape "
+            f"{tuple(seen[flat[0]].shape)}), but TLoRA's covariance is taken over the positions of each sample; "
+            f"exclude them, e.g. exclude_modules={[n.split('.', 1)[-1] if '.' in n else n for n in flat[:2]]}"
+        )
     repeated = [n for n, c in calls.items() if c > 1]
     if repeated:
         raise CalibrationError(
