@@ -395,6 +395,7 @@ class _BatchState:
     counts: torch.Tensor  # (B,) valid positions per sample
     positions: list  # per sample: slice or index tensor of valid positions
     flat_valid: Optional[torch.Tensor]  # indices of valid rows in the flattened (B*T) view, when packing pays
+    all_valid: bool = False  # no padding at all in this batch
     collect_covariance: bool = True
     collect_sensitivity: bool = True
     calls: dict = field(default_factory=dict)
@@ -489,21 +490,27 @@ class _Collector:
         else:
             buffer.add_((left.t() @ right).to(buffer.device))
 
-    def _centred_rows(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs at valid positions, centred per sample, as rows in the statistics dtype; plus per-sample sums."""
+    def _centred_rows(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`tensor` (batch, sequence, features) at valid positions, centred per sample, as rows in the statistics
+        dtype (a new tensor); plus the per-sample sums used for the finiteness check."""
         state = self.state
         batch, length = state.mask.shape
-        if inputs.dim() != 3 or inputs.shape[:2] != (batch, length):
+        if tensor.dim() != 3 or tensor.shape[:2] != (batch, length):
             raise CalibrationError(
-                f"a target module received inputs of shape {tuple(inputs.shape)}; TLoRA needs (batch, sequence, "
+                f"a target module received inputs of shape {tuple(tensor.shape)}; TLoRA needs (batch, sequence, "
                 f"features) matching attention_mask {tuple(state.mask.shape)}"
             )
-        features = inputs.shape[-1]
-        rows = inputs.detach().to(self.dtype, copy=True)
-        rows.masked_fill_(~state.mask.unsqueeze(-1), 0.0)
-        sums = rows.sum(dim=1)
-        means = sums / state.counts.clamp_min(1).unsqueeze(-1).to(self.dtype)
-        rows.sub_(means.unsqueeze(1)).masked_fill_(~state.mask.unsqueeze(-1), 0.0)
+        features = tensor.shape[-1]
+        rows = tensor.detach().to(self.dtype, copy=True)
+        if state.all_valid:
+            sums = rows.sum(dim=1)
+            rows.sub_((sums / length).unsqueeze(1))
+        else:
+            padding = ~state.mask.unsqueeze(-1)
+            rows.masked_fill_(padding, 0.0)
+            sums = rows.sum(dim=1)
+            means = sums / state.counts.clamp_min(1).unsqueeze(-1).to(self.dtype)
+            rows.sub_(means.unsqueeze(1)).masked_fill_(padding, 0.0)
         rows = rows.view(batch * length, features)
         if state.flat_valid is not None:
             rows = rows.index_select(0, state.flat_valid)
@@ -534,10 +541,16 @@ class _Collector:
                     buffer = self._buffer(self.covariances, key, (rows.shape[1],) * 2, rows.device)
                     self._accumulate_product(buffer, rows, rows)
                 else:
-                    weight = target.weight_matrix(self.dtype)  # (out, in)
-                    outputs = rows @ weight.t()  # centred outputs without bias: (X - mean) W^T
-                    buffer = self._buffer(self.cross, name, tuple(weight.shape), rows.device)
+                    # M = W C = sum_s Zc_s^T Xc_s, with Zc the per-sample centred outputs without bias.
+                    if output.dtype == self.dtype:
+                        outputs, _ = self._centred_rows(output)  # the bias cancels in the centring
+                    else:
+                        weight = target.module.weight.detach().to(self.dtype)
+                        outputs = rows @ (weight.t() if target.kind == "linear" else weight)
+                    shape = (target.out_features, target.in_features)
+                    buffer = self._buffer(self.cross, name, shape, rows.device)
                     self._accumulate_product(buffer, outputs, rows)
+                    del outputs
                 del rows
         if state.collect_sensitivity and torch.is_grad_enabled() and output.requires_grad:
             state.saved_inputs[name] = inputs
@@ -551,37 +564,48 @@ class _Collector:
 
         return gradient_hook
 
+    def _gradient_dtype(self, inputs: torch.Tensor) -> torch.dtype:
+        """Per-sample weight gradients are formed in the statistics dtype, except for half-precision models on an
+        accelerator, where they are formed in the model's dtype as autograd's own weight gradients would be (the
+        L1 reduction still accumulates in float32)."""
+        if inputs.device.type != "cpu" and inputs.dtype in (torch.bfloat16, torch.float16):
+            return inputs.dtype
+        return self.dtype
+
     def _on_gradient(self, name: str, grad_output: torch.Tensor) -> None:
         state = self.state
         inputs = state.saved_inputs.pop(name, None)
         if inputs is None:
             return
         target = self.targets[name]
+        dtype = self._gradient_dtype(inputs)
         weight = target.module.weight.detach()
-        weight = weight if weight.dtype == self.dtype else weight.to(self.dtype)
+        weight = weight if weight.dtype == dtype else weight.to(dtype)
         numel = weight.numel()
+        reduce_dtype = torch.promote_types(dtype, torch.float32)
         batch = grad_output.shape[0]
-        state.gradient_flags.append((name, torch.isfinite(grad_output.detach().float().sum(dim=(1, 2)))))
         values = torch.zeros(batch, dtype=torch.float64, device=grad_output.device)
         if self.sensitivity_mode == "per_sample":
             for sample, where in enumerate(state.positions):
-                delta = grad_output[sample, where].to(self.dtype)
+                delta = grad_output[sample, where].to(dtype)
                 if delta.shape[0] == 0:
                     continue
-                inputs_s = inputs[sample, where].detach().to(self.dtype)
+                inputs_s = inputs[sample, where].detach().to(dtype)
                 # dl_s/dW for this sample only, in the weight's own layout, consumed at once.
                 gradient = delta.t() @ inputs_s if target.kind == "linear" else inputs_s.t() @ delta
-                values[sample] = torch.linalg.vector_norm(gradient.mul_(weight), ord=1) / numel
+                values[sample] = torch.linalg.vector_norm(gradient.mul_(weight), ord=1, dtype=reduce_dtype) / numel
                 del gradient
         else:
             flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
             flat_inputs = inputs.detach().reshape(-1, inputs.shape[-1])
             valid = state.mask.reshape(-1)
-            delta = flat_grad[valid].to(self.dtype)
-            rows = flat_inputs[valid].to(self.dtype)
+            delta = flat_grad[valid].to(dtype)
+            rows = flat_inputs[valid].to(dtype)
             gradient = delta.t() @ rows if target.kind == "linear" else rows.t() @ delta
-            values[:] = torch.linalg.vector_norm(gradient.mul_(weight), ord=1) / numel
+            values[:] = torch.linalg.vector_norm(gradient.mul_(weight), ord=1, dtype=reduce_dtype) / numel
             del gradient
+        # A NaN or Inf in the output gradient (or the saved input) propagates into these values.
+        state.gradient_flags.append((name, torch.isfinite(values)))
         state.per_sample_sensitivity[name] = values
 
 
@@ -809,6 +833,7 @@ def compute_statistics(
                 counts=counts,
                 positions=_sample_positions(mask),
                 flat_valid=packed,
+                all_valid=bool(mask.all().item()),
             )
             collector.state = state
             with torch.enable_grad():
