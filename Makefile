@@ -13,6 +13,8 @@ install-test:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	@$(PYTHON) -c "import deepspeed" 2>/dev/null || $(PIP) install --no-build-isolation "deepspeed>=0.16"
 	$(PIP) install -e "peft[test,train,eval]"
+	@# FastChat's code only, for the MT-Bench cross-check tests (its llm_judge extra pins openai<1).
+	@$(PYTHON) -c "import fastchat" 2>/dev/null || $(PIP) install --no-deps "fschat==0.2.36"
 
 test: install-test
 	$(PYTHON) -m pytest tests

@@ -139,13 +139,25 @@ class TLoRAModel(LoraModel):
 def apply_plan(
     model: torch.nn.Module,
     plan: TLoRAPlan,
-    lora_A: Mapping[str, torch.Tensor],
+    lora_A: Mapping[str, torch.Tensor] | TLoRAStatistics,
     config: TLoRAConfig,
     *,
     adapter_name: str = "default",
     autocast_adapter_dtype: bool = True,
+    show_progress: bool = True,
 ) -> PeftModel:
-    """Step 3b: wrap `model` in a PEFT LoRA model built from `plan` and initialise it with `lora_A` (B = 0)."""
+    """Step 3: wrap `model` in a PEFT LoRA model built from `plan`, with A given directly ({module name: A}) or
+    computed from `TLoRAStatistics` (top right singular vectors of W C), and B = 0."""
+    if isinstance(lora_A, TLoRAStatistics):
+        lora_A = compute_lora_A(
+            find_target_modules(model, config),
+            lora_A,
+            plan,
+            method=config.svd_method,
+            oversampling=config.svd_oversampling,
+            niter=config.svd_niter,
+            show_progress=show_progress,
+        )
     lora_config = config.to_lora_config(plan)
     peft_model = get_peft_model(
         model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype

@@ -1,0 +1,115 @@
+"""Score HumanEval / MBPP completions with pass@1 (EvalPlus when its data is present, else the original tests).
+
+    python code/eval_code.py --dataset humaneval --predictions output/code-tlora/eval/humaneval_predictions.jsonl
+    python code/eval_code.py --dataset mbpp --model output/code-tlora          # generate, then score
+    HUMANEVAL_OVERRIDE_PATH=HumanEvalPlus.jsonl python code/eval_code.py --dataset humaneval --predictions ...
+    python code/eval_code.py --dataset mbpp --data_file ../shared/data/mbpp/sanitized-mbpp.json --score_references
+
+Generated code runs in separate processes with time and memory limits, never in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import HfArgumentParser
+
+from tlora.evaluation import make_backend
+from tlora.evaluation.code import MAX_NEW_TOKENS, evaluate_code, generation_settings
+from tlora.evaluation.common import ModelArguments, configure_logging, default_output_path
+from tlora.evaluation.sandbox import SandboxLimits
+
+
+@dataclass
+class CodeEvaluationArguments:
+    """What to score, against which tests, with which limits, and where to write the result."""
+
+    dataset: str = field(metadata={"help": "humaneval or mbpp.", "choices": ["humaneval", "mbpp"]})
+    data_file: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "The test set: a local file or hub id (default: openai/openai_humaneval; "
+            "google-research-datasets/mbpp, sanitized)."
+        },
+    )
+    predictions: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": 'Score this generations file (JSON lines {"task_id", "completion"}; HumanEval: the code '
+            "after the prompt, MBPP: the whole program) without loading any model."
+        },
+    )
+    output: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Result JSON (default: <model dir>/eval/<dataset>.json for a local model, else "
+            "./eval_<dataset>.json)."
+        },
+    )
+    evalplus_file: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "HumanEvalPlus.jsonl / MbppPlus.jsonl (default: $HUMANEVAL_OVERRIDE_PATH / "
+            "$MBPP_OVERRIDE_PATH; without it the original tests are used)."
+        },
+    )
+    postprocess: bool = field(
+        default=True, metadata={"help": "Apply the paper's clean-up (code fence, __main__, example usage)."}
+    )
+    score_references: bool = field(
+        default=False, metadata={"help": "Score the reference solutions instead (checks the harness: expect 1.0)."}
+    )
+    timeout_per_test: float = field(default=15.0, metadata={"help": "CPU seconds per test (original tests)."})
+    memory_mb: int = field(default=4096, metadata={"help": "Address-space limit per program, MiB (original tests)."})
+    workers: Optional[int] = field(default=None, metadata={"help": "Programs tested in parallel (default: CPU count)."})
+    max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={"help": "Most new tokens per completion."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per batch for the HF backend."})
+    limit: Optional[int] = field(default=None, metadata={"help": "Only the first N problems (smoke tests)."})
+    seed: int = field(default=0, metadata={"help": "Random seed (decoding is greedy)."})
+
+
+def main() -> None:
+    """Parse the arguments, then generate (with --model) or read (--predictions) and score."""
+    configure_logging()
+    model_arguments, arguments = HfArgumentParser(
+        (ModelArguments, CodeEvaluationArguments)
+    ).parse_args_into_dataclasses()
+    backend = None
+    if arguments.predictions is None and not arguments.score_references:
+        if model_arguments.model is None:
+            sys.exit("Pass --predictions FILE to score existing generations, or --model PATH to generate them.")
+        backend = make_backend(
+            model_arguments.model,
+            model_arguments.backend,
+            dtype=model_arguments.dtype,
+            trust_remote_code=model_arguments.trust_remote_code,
+            **model_arguments.backend_options(),
+        )
+    output = arguments.output or default_output_path(arguments.dataset, model_arguments.model)
+    result = evaluate_code(
+        arguments.dataset,
+        predictions_file=arguments.predictions,
+        backend=backend,
+        data_file=arguments.data_file,
+        output=output,
+        evalplus_file=arguments.evalplus_file,
+        settings=generation_settings(arguments.max_new_tokens, arguments.batch_size, arguments.seed),
+        limit=arguments.limit,
+        postprocess=arguments.postprocess,
+        limits=SandboxLimits(timeout_per_test=arguments.timeout_per_test, memory_mb=arguments.memory_mb),
+        workers=arguments.workers,
+        score_references=arguments.score_references,
+        extra={"model": model_arguments.model},
+    )
+    plus = "" if result["pass@1_plus"] is None else f", {arguments.dataset}+ pass@1 {result['pass@1_plus']:.4f}"
+    print(
+        f"{arguments.dataset} pass@1 {result['pass@1']:.4f}{plus} ({result['num_items']} tasks) "
+        f"-> {os.path.abspath(output)}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,565 @@
+"""Shared pieces of the scorers: data and predictions IO, command-line arguments, the evaluation loop, output files.
+
+Every scorer works the same way: read the test rows, build one Alpaca prompt per row, get completions (from a
+generation backend, or from a `--predictions` file without loading any model), extract an answer from each
+completion, compare it with the gold answer, and write one JSON file with the headline accuracy and one record per
+item, plus the generations as a predictions file that `--predictions` can score again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_SUFFIX = "_predictions.jsonl"
+
+
+class DataFormatError(ValueError):
+    """A data or predictions file is malformed (the message names the file and the line)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading data
+
+
+def _open_text(path: str):
+    """A text handle on `path`, transparently decompressing `.gz` files."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a JSON-lines file (blank lines skipped); a bad line raises an error naming file and line."""
+    rows = []
+    with _open_text(path) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataFormatError(f"{path}, line {line_number}: not valid JSON ({error.msg}).") from error
+            if not isinstance(row, dict):
+                raise DataFormatError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}.")
+            rows.append(row)
+    return rows
+
+
+def read_json_rows(path: str) -> list[dict]:
+    """The rows of a `.json` file holding a list of objects (the LLM-Adapters format) or of a JSON-lines file."""
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        return read_jsonl(path)
+    with _open_text(path) as handle:
+        text = handle.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        if "\n{" in text.strip():  # several objects, one a line: a JSON-lines file named .json
+            return read_jsonl(path)
+        raise DataFormatError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}).") from error
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataFormatError(f"{path}: expected a list of objects, got a {type(data).__name__}.")
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataFormatError(f"{path}, row {index}: expected a JSON object, got {type(row).__name__}.")
+    return data
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a data name is a local file path (exists, or is written like a path to a file) and not a hub id."""
+    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.endswith((".json", ".jsonl", ".gz"))
+
+
+def load_rows(data_file: str, *, hub_config: Optional[str] = None, hub_split: str = "test") -> list[dict]:
+    """The rows of a local .json/.jsonl file, or of split `hub_split` of a hub dataset (via `datasets`)."""
+    path = os.path.expanduser(data_file)
+    if is_local_path(data_file):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Data file {data_file} does not exist; pass an existing file with --data_file.")
+        return read_json_rows(path)
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(
+            f"Reading the hub dataset {data_file} needs `datasets` (pip install datasets), or pass a local file "
+            "with --data_file."
+        ) from error
+    logger.info("Loading %s (config %s, split %s) from the hub", data_file, hub_config, hub_split)
+    dataset = datasets.load_dataset(data_file, hub_config, split=hub_split)
+    return [dict(row) for row in dataset]
+
+
+def require_fields(rows: Sequence[Mapping], fields: Iterable[str], source: str) -> None:
+    """Raise an error naming the file and row when a row lacks one of `fields`."""
+    fields = list(fields)
+    for index, row in enumerate(rows):
+        missing = [name for name in fields if name not in row]
+        if missing:
+            raise DataFormatError(
+                f"{source}, row {index} (line {index + 1} of a JSON-lines file): missing field(s) {missing}; "
+                f"the row has {sorted(row)}. This scorer expects {fields}."
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Predictions files
+
+
+def read_predictions(path: str, num_rows: Any = None, *, with_task: bool = False) -> list[dict]:
+    """The rows of a predictions file (`{"id", "completion"}` and `"task"` when `with_task`), checked; `num_rows` is
+    the data file's row count (a dict of counts by task when `with_task`) for the range check."""
+    rows = read_jsonl(path)
+    seen = set()
+    for line_number, row in enumerate(rows, start=1):
+        where = f"{path}, line {line_number}"
+        if not isinstance(row.get("id"), int) or isinstance(row.get("id"), bool):
+            raise DataFormatError(f"{where}: 'id' must be the 0-based row index in the data file (an integer).")
+        if not isinstance(row.get("completion"), str):
+            raise DataFormatError(f"{where}: 'completion' must be a string (the generated text).")
+        if with_task and not isinstance(row.get("task"), str):
+            raise DataFormatError(f"{where}: 'task' must name the commonsense task (for example \"boolq\").")
+        limit = num_rows.get(row.get("task")) if isinstance(num_rows, Mapping) else num_rows
+        if limit is not None and not 0 <= row["id"] < limit:
+            raise DataFormatError(f"{where}: id {row['id']} is outside the data file's {limit} rows.")
+        key = (row.get("task"), row["id"]) if with_task else row["id"]
+        if key in seen:
+            raise DataFormatError(f"{where}: id {row['id']} appears twice.")
+        seen.add(key)
+    return rows
+
+
+def write_jsonl(path: str, rows: Iterable[Mapping]) -> None:
+    """Write rows as JSON lines (UTF-8, non-ASCII kept)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def predictions_path(output_path: str) -> str:
+    """The predictions file written beside an evaluation JSON (`eval/gsm8k.json` -> `eval/gsm8k_predictions.jsonl`)."""
+    stem = output_path[:-5] if output_path.endswith(".json") else output_path
+    return stem + PREDICTIONS_SUFFIX
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command-line arguments (parsed with transformers.HfArgumentParser by the entry scripts)
+
+
+@dataclass
+class ModelArguments:
+    """Which model generates the answers, and how."""
+
+    model: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A merged model directory, an adapter directory (its base model is read from adapter_config.json "
+            "and the adapter is merged on the fly) or a Hugging Face hub id. Not needed with --predictions."
+        },
+    )
+    base_model: Optional[str] = field(
+        default=None,
+        metadata={"help": "Override the base model named in an adapter's adapter_config.json (a directory or hub id)."},
+    )
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Generation backend: 'auto' (vLLM when installed and a GPU is present, else Hugging Face), "
+            "'vllm' or 'hf'.",
+            "choices": ["auto", "hf", "vllm"],
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Model dtype: 'auto' (as saved), 'bfloat16', 'float16' or 'float32'.",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
+    )
+    device: Optional[str] = field(
+        default=None, metadata={"help": "Device for the HF backend (default: 'cuda' when available, else 'cpu')."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model and tokenizer code from the model repository to run."}
+    )
+    tensor_parallel_size: Optional[int] = field(
+        default=None, metadata={"help": "vLLM tensor parallelism (default: the number of visible GPUs)."}
+    )
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "Fraction of GPU memory vLLM may use."})
+    merged_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Where vLLM's merged copy of an adapter is written and reused "
+            "(default: <adapter dir>/merged_for_vllm)."
+        },
+    )
+
+    def backend_options(self) -> dict:
+        """Keyword arguments for `make_backend`."""
+        options: dict[str, Any] = {"base_model": self.base_model}
+        if self.device is not None:
+            options["device"] = self.device
+        if self.tensor_parallel_size is not None:
+            options["tensor_parallel_size"] = self.tensor_parallel_size
+        options["gpu_memory_utilization"] = self.gpu_memory_utilization
+        if self.merged_dir is not None:
+            options["work_dir"] = self.merged_dir
+        return options
+
+
+@dataclass
+class EvaluationArguments:
+    """What to evaluate and where to write the results."""
+
+    data_file: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "The test set: a local .json/.jsonl file or a hub dataset id (default: the task's hub id; for "
+            "commonsense, one task's test.json together with --tasks TASK)."
+        },
+    )
+    predictions: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": 'Score this generations file (JSON lines {"id": row index, "completion": text}) instead of '
+            "generating; no model is loaded."
+        },
+    )
+    output: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Where to write the result JSON (default: <model dir>/eval/<task>.json for a local model, "
+            "else ./eval_<task>.json). The generations are written beside it as <name>_predictions.jsonl."
+        },
+    )
+    max_new_tokens: Optional[int] = field(
+        default=None, metadata={"help": "Most new tokens per answer (default: the task's limit)."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Prompts per batch for the HF backend."})
+    limit: Optional[int] = field(
+        default=None, metadata={"help": "Evaluate only the first N rows (for smoke tests; the result says so)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Random seed (decoding is greedy, so it rarely matters)."})
+
+
+RUN_RECORD_NAME = "run_record.json"
+
+
+def default_output_path(task: str, model: Optional[str]) -> str:
+    """`<run dir>/eval/<task>.json` for a local model directory, else `./eval_<task>.json`.
+
+    The run dir is the model directory itself, or its parent when only the parent holds the training record
+    (`--model RUN_DIR/merged`), so `python -m tlora.report RUN_DIR` finds every evaluation of a run."""
+    if model is not None and os.path.isdir(os.path.expanduser(model)):
+        directory = os.path.abspath(os.path.expanduser(model))
+        parent = os.path.dirname(directory)
+        if not os.path.isfile(os.path.join(directory, RUN_RECORD_NAME)) and os.path.isfile(
+            os.path.join(parent, RUN_RECORD_NAME)
+        ):
+            directory = parent
+        return os.path.join(directory, "eval", f"{task}.json")
+    return os.path.join(os.getcwd(), f"eval_{task}.json")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The evaluation loop
+
+
+@dataclass
+class EvaluationItem:
+    """One test question: its row index, prompt and gold answer (and the commonsense task it belongs to)."""
+
+    id: int
+    prompt: str
+    gold: Any
+    task: Optional[str] = None
+
+
+def collect_completions(
+    items: Sequence[EvaluationItem],
+    model_arguments: ModelArguments,
+    evaluation_arguments: EvaluationArguments,
+    settings,
+    *,
+    backend=None,
+    with_task: bool = False,
+    num_rows: Any = None,
+) -> tuple[dict, Optional[str]]:
+    """Completions keyed by (task, id) or id: from `--predictions`, from `backend`, or from a backend for `--model`.
+
+    `num_rows` is the full data file's row count (by task for commonsense): prediction ids outside it are errors,
+    while predictions for rows left out by `--limit` or `--tasks` are ignored."""
+    from .generation import backend_name, make_backend
+
+    key = (lambda item: (item.task, item.id)) if with_task else (lambda item: item.id)
+    if evaluation_arguments.predictions is not None:
+        rows = read_predictions(evaluation_arguments.predictions, num_rows, with_task=with_task)
+        completions = {((row["task"], row["id"]) if with_task else row["id"]): row["completion"] for row in rows}
+        wanted = {key(item) for item in items}
+        ignored = [name for name in completions if name not in wanted]
+        if ignored:
+            logger.info("Ignoring %d prediction(s) for rows not evaluated (--limit / --tasks)", len(ignored))
+        return {name: text for name, text in completions.items() if name in wanted}, None
+    if backend is None:
+        if model_arguments.model is None:
+            raise ValueError("Pass --model PATH to generate answers, or --predictions FILE to score existing ones.")
+        backend = make_backend(
+            model_arguments.model,
+            model_arguments.backend,
+            dtype=model_arguments.dtype,
+            trust_remote_code=model_arguments.trust_remote_code,
+            **model_arguments.backend_options(),
+        )
+    texts = backend.generate([item.prompt for item in items], settings)
+    return {key(item): text for item, text in zip(items, texts)}, backend_name(backend)
+
+
+def score_items(
+    items: Sequence[EvaluationItem],
+    completions: Mapping,
+    judge: Callable[[str, EvaluationItem], tuple[Any, bool]],
+    *,
+    with_task: bool = False,
+) -> list[dict]:
+    """One record per item that has a completion: prompt, completion, extracted answer, gold, correct."""
+    records = []
+    for item in items:
+        key = (item.task, item.id) if with_task else item.id
+        if key not in completions:
+            continue
+        completion = completions[key]
+        extracted, correct = judge(completion, item)
+        record: dict[str, Any] = {"id": item.id}
+        if with_task:
+            record["task"] = item.task
+        record.update(prompt=item.prompt, completion=completion, extracted=extracted, gold=item.gold)
+        record["correct"] = bool(correct)
+        records.append(record)
+    return records
+
+
+def accuracy(records: Sequence[Mapping]) -> float:
+    """The fraction of records marked correct (0.0 when there are none)."""
+    return sum(bool(record["correct"]) for record in records) / len(records) if records else 0.0
+
+
+def build_result(
+    task: str,
+    records: list[dict],
+    *,
+    model: Optional[str],
+    data_file: str,
+    backend: Optional[str],
+    settings=None,
+    limit: Optional[int] = None,
+    num_data_rows: Optional[int] = None,
+    extra: Optional[dict] = None,
+) -> dict:
+    """The evaluation JSON: task, headline accuracy, counts, provenance, then one record per item."""
+    from dataclasses import asdict
+
+    result: dict[str, Any] = {
+        "task": task,
+        "accuracy": accuracy(records),
+        "num_items": len(records),
+        "num_correct": sum(bool(record["correct"]) for record in records),
+        "model": model,
+        "data_file": data_file,
+        "backend": backend,
+    }
+    if num_data_rows is not None:
+        result["num_data_rows"] = num_data_rows
+    if limit is not None:
+        result["limit"] = limit
+    if settings is not None:
+        result["generation"] = asdict(settings)
+    if extra:
+        result.update(extra)
+    result["records"] = records
+    return result
+
+
+def write_result(
+    result: dict, output_path: str, *, with_task: bool = False, source_predictions: Optional[str] = None
+) -> None:
+    """Write the evaluation JSON and, beside it, the generations as a predictions file (unless that file is the
+    `--predictions` input being scored)."""
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    with open(output_path, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+    rows = []
+    for record in result["records"]:
+        row = {"id": record["id"], "completion": record["completion"]}
+        if with_task:
+            row["task"] = record["task"]
+        rows.append(row)
+    target = predictions_path(output_path)
+    if source_predictions is None or os.path.abspath(source_predictions) != os.path.abspath(target):
+        write_jsonl(target, rows)
+    logger.info("Wrote %s (accuracy %.4f on %d items)", output_path, result["accuracy"], result["num_items"])
+
+
+@dataclass
+class TaskSpec:
+    """How one single-file task (GSM8K, MATH) builds prompts, reads gold answers and judges completions."""
+
+    name: str
+    default_data_file: str
+    hub_config: Optional[str]
+    required_fields: tuple[str, ...]
+    max_new_tokens: int
+    build_item: Callable[[int, dict], EvaluationItem]
+    judge: Callable[[str, EvaluationItem], tuple[Any, bool]]  # completion, item -> (extracted answer, correct)
+
+
+def generation_settings(task_max_new_tokens: int, evaluation_arguments: EvaluationArguments):
+    """Greedy settings with the task's token limit (or --max_new_tokens) and the Alpaca stop strings."""
+    from .generation import DEFAULT_STOP_STRINGS, GenerationSettings
+
+    return GenerationSettings(
+        max_new_tokens=evaluation_arguments.max_new_tokens or task_max_new_tokens,
+        temperature=0.0,
+        top_p=1.0,
+        stop=list(DEFAULT_STOP_STRINGS),
+        batch_size=evaluation_arguments.batch_size,
+        seed=evaluation_arguments.seed,
+    )
+
+
+def load_task_rows(spec: TaskSpec, data_file: str) -> list[dict]:
+    """The test rows of a single-file task, checked for the fields it needs."""
+    rows = load_rows(data_file, hub_config=spec.hub_config, hub_split="test")
+    require_fields(rows, spec.required_fields, data_file)
+    return rows
+
+
+def run_task(
+    spec: TaskSpec,
+    model_arguments: ModelArguments,
+    evaluation_arguments: EvaluationArguments,
+    *,
+    backend=None,
+    write: bool = True,
+) -> dict:
+    """Evaluate one single-file task end to end (generate or read predictions, score, write) and return the result."""
+    data_file = evaluation_arguments.data_file or spec.default_data_file
+    rows = load_task_rows(spec, data_file)
+    num_data_rows = len(rows)
+    if evaluation_arguments.limit is not None:
+        rows = rows[: evaluation_arguments.limit]
+    items = [spec.build_item(index, row) for index, row in enumerate(rows)]
+    settings = generation_settings(spec.max_new_tokens, evaluation_arguments)
+    completions, used_backend = collect_completions(
+        items, model_arguments, evaluation_arguments, settings, backend=backend, num_rows=num_data_rows
+    )
+    records = score_items(items, completions, spec.judge)
+    if evaluation_arguments.predictions is not None and len(records) < len(items):
+        logger.warning(
+            "%s covers %d of %d rows; accuracy is over the covered rows only",
+            evaluation_arguments.predictions,
+            len(records),
+            len(items),
+        )
+    result = build_result(
+        spec.name,
+        records,
+        model=model_arguments.model,
+        data_file=data_file,
+        backend=used_backend,
+        settings=None if evaluation_arguments.predictions else settings,
+        limit=evaluation_arguments.limit,
+        num_data_rows=num_data_rows,
+        extra={"predictions_file": evaluation_arguments.predictions} if evaluation_arguments.predictions else None,
+    )
+    if write:
+        output = evaluation_arguments.output or default_output_path(spec.name, model_arguments.model)
+        write_result(result, output, source_predictions=evaluation_arguments.predictions)
+    return result
+
+
+def configure_logging() -> None:
+    """INFO-level logging for the entry scripts (library code only logs)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` keeps the description's line breaks and shows defaults that are set (not `None`)."""
+
+    def _get_help_string(self, action):
+        """The option's help, with its default unless that is None."""
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parse_arguments(dataclass_types: tuple, description: str, argv: Optional[Sequence[str]] = None) -> tuple:
+    """Parse the command line into the given argument dataclasses (HfArgumentParser), checking model/predictions."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=HelpFormatter)
+    parsed = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    model_arguments = next(value for value in parsed if isinstance(value, ModelArguments))
+    evaluation_arguments = next(value for value in parsed if isinstance(value, EvaluationArguments))
+    if model_arguments.model is None and evaluation_arguments.predictions is None:
+        parser.error("pass --model PATH to generate and score, or --predictions FILE to score existing generations")
+    if evaluation_arguments.limit is not None and evaluation_arguments.limit < 1:
+        parser.error("--limit must be a positive number of rows")
+    return tuple(parsed)
+
+
+def summary_line(result: dict) -> str:
+    """A one-line summary of a result for the terminal."""
+    return (
+        f"{result['task']}: accuracy {result['accuracy']:.4f} ({result['num_correct']}/{result['num_items']} correct)"
+    )
+
+
+def main_for_task(spec: TaskSpec, description: str, argv: Optional[Sequence[str]] = None) -> dict:
+    """The whole command line of a single-file task: parse arguments, evaluate, write, print the summary."""
+    model_arguments, evaluation_arguments = parse_arguments((ModelArguments, EvaluationArguments), description, argv)
+    configure_logging()
+    result = run_task(spec, model_arguments, evaluation_arguments)
+    print(summary_line(result))
+    return result
+
+
+__all__ = [
+    "DataFormatError",
+    "TaskSpec",
+    "generation_settings",
+    "load_task_rows",
+    "main_for_task",
+    "parse_arguments",
+    "run_task",
+    "summary_line",
+    "EvaluationArguments",
+    "EvaluationItem",
+    "ModelArguments",
+    "accuracy",
+    "build_result",
+    "collect_completions",
+    "configure_logging",
+    "default_output_path",
+    "load_rows",
+    "predictions_path",
+    "read_json_rows",
+    "read_jsonl",
+    "read_predictions",
+    "require_fields",
+    "score_items",
+    "write_jsonl",
+    "write_result",
+]

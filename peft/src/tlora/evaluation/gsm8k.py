@@ -1,0 +1,142 @@
+"""GSM8K: prompts (the question as the Alpaca instruction), gold answers and numeric answer extraction.
+
+Extraction, in order:
+1. the first number after the last `The answer is` (the MetaMath / paper format; a colon is optional, case is
+   ignored), or after the last `####` (GSM8K's own format);
+2. otherwise the last number anywhere in the completion;
+3. otherwise no answer (scored wrong).
+
+A number may carry a sign (`-`, `+`, or the Unicode minus; not after a letter, digit or closing bracket, so
+`16-3` reads as 16 and 3), a currency sign, thousands separators (`1,234,567`),
+a decimal part (`2.50`, `.5`) or be a fraction (`3/4`); a trailing sentence period is not part of it. Answers are
+compared exactly as rational numbers, so `18`, `18.0`, `18.00` and `36/2` all equal a gold `18`. (MetaMath's
+script instead rounds the prediction to an integer and reads only the first group of `1,234,567`.)
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from typing import Optional
+
+from ..prompts import format_prompt
+from .common import DataFormatError, EvaluationItem, TaskSpec
+
+HUB_ID = "openai/gsm8k"
+HUB_CONFIG = "main"
+MAX_NEW_TOKENS = 512
+ANSWER_MARKERS = re.compile(r"the answer is|####", re.IGNORECASE)
+
+# A sign counts only when it does not follow a word character or a closing bracket (so `16-3` is 16 and 3).
+NUMBER_PATTERN = re.compile(
+    r"(?:(?<![\w)\]])(?P<sign>[-+\u2212]))?\$?\s?"
+    r"(?P<number>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+    r"(?:\s?/\s?(?P<denominator>\d+(?:\.\d+)?))?"
+)
+
+
+def _number_value(match: re.Match) -> Optional[Fraction]:
+    """The exact value of a `NUMBER_PATTERN` match (None for a zero denominator)."""
+    value = Fraction(match.group("number").replace(",", ""))
+    if match.group("denominator") is not None:
+        denominator = Fraction(match.group("denominator"))
+        if denominator == 0:
+            return None
+        value = value / denominator
+    if match.group("sign") in ("-", "\u2212"):
+        value = -value
+    return value
+
+
+def format_number(value: Fraction) -> str:
+    """A canonical text for a value: `18`, `-3`, `2.5`, or `1/3` when it has no finite decimal form."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    denominator = value.denominator
+    for prime in (2, 5):
+        while denominator % prime == 0:
+            denominator //= prime
+    if denominator == 1:
+        text = f"{float(value):.12f}".rstrip("0").rstrip(".")
+        if Fraction(text) == value:
+            return text
+    return f"{value.numerator}/{value.denominator}"
+
+
+def parse_number(text: str) -> Optional[Fraction]:
+    """The value of the first number in `text` (None when there is none)."""
+    for match in NUMBER_PATTERN.finditer(text):
+        value = _number_value(match)
+        if value is not None:
+            return value
+    return None
+
+
+def last_number(text: str) -> Optional[Fraction]:
+    """The value of the last number in `text` (None when there is none)."""
+    values = [_number_value(match) for match in NUMBER_PATTERN.finditer(text)]
+    values = [value for value in values if value is not None]
+    return values[-1] if values else None
+
+
+def extract_answer(completion: str) -> Optional[str]:
+    """The numeric answer of a completion as canonical text (see the module docstring), or None."""
+    markers = list(ANSWER_MARKERS.finditer(completion))
+    value = parse_number(completion[markers[-1].end() :]) if markers else None
+    if value is None:
+        value = last_number(completion)
+    return None if value is None else format_number(value)
+
+
+def gold_answer(solution: str, where: str = "") -> str:
+    """The gold number of a GSM8K solution (the text after `####`), as canonical text."""
+    if "####" not in solution:
+        raise DataFormatError(f"{where}: the GSM8K answer has no '#### <number>' line; is this the GSM8K test set?")
+    value = parse_number(solution.rsplit("####", 1)[1])
+    if value is None:
+        raise DataFormatError(f"{where}: no number after '####' in the GSM8K answer.")
+    return format_number(value)
+
+
+def answers_match(predicted: str, gold: str) -> bool:
+    """Whether two canonical numbers are equal as rationals."""
+    return Fraction(predicted) == Fraction(gold)
+
+
+def judge(completion: str, gold: str) -> tuple[Optional[str], bool]:
+    """The extracted answer of a completion and whether it equals the gold number."""
+    extracted = extract_answer(completion)
+    return extracted, extracted is not None and answers_match(extracted, gold)
+
+
+def build_item(index: int, row: dict) -> EvaluationItem:
+    """The evaluation item of GSM8K row `index`: the question as the Alpaca instruction, the gold number."""
+    return EvaluationItem(
+        id=index, prompt=format_prompt(row["question"]), gold=gold_answer(row["answer"], f"row {index}")
+    )
+
+
+TASK = TaskSpec(
+    name="gsm8k",
+    default_data_file=HUB_ID,
+    hub_config=HUB_CONFIG,
+    required_fields=("question", "answer"),
+    max_new_tokens=MAX_NEW_TOKENS,
+    build_item=build_item,
+    judge=lambda completion, item: judge(completion, item.gold),
+)
+
+__all__ = [
+    "HUB_CONFIG",
+    "HUB_ID",
+    "MAX_NEW_TOKENS",
+    "TASK",
+    "answers_match",
+    "build_item",
+    "extract_answer",
+    "format_number",
+    "gold_answer",
+    "judge",
+    "last_number",
+    "parse_number",
+]

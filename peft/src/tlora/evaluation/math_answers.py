@@ -1,0 +1,185 @@
+"""MATH: prompts, gold answers (the last `\\boxed{}` of the reference solution) and `math-verify` comparison.
+
+The gold answer is the content of the solution's last `\\boxed{...}` (or `\\fbox{...}`), parsed by math-verify as
+`$\\boxed{<gold>}$`. The completion's answer is the text after its last `The answer is` (the MetaMath / paper
+format), parsed as LaTeX math (`$<text>$`, or as written when it already has `$` or `\\boxed`); when there is no
+such phrase, or it parses to nothing, math-verify reads the whole completion (its last `\\boxed{}`, or the last
+expression). `math_verify.verify(gold, prediction)` decides equality (symbolic and numeric, sets, intervals,
+matrices, equations).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from typing import Optional
+
+from ..prompts import format_prompt
+from .common import DataFormatError, EvaluationItem, TaskSpec
+
+logger = logging.getLogger(__name__)
+
+# Default: the 500-problem subset (same fields: problem, solution), the maintained MATH test set on the hub; the
+# old full-set id `hendrycks/competition_math` has been withdrawn. The paper's MetaMath protocol scores all 5,000
+# problems: pass a local copy with `--data_file` (JSON lines with `problem` and `solution`).
+HUB_ID = "HuggingFaceH4/MATH-500"
+HUB_CONFIG = None
+MAX_NEW_TOKENS = 512
+ANSWER_MARKER = re.compile(r"the answer is\s*:?", re.IGNORECASE)
+BOX_COMMANDS = ("\\boxed", "\\fbox")
+# The answer text is already LaTeX math when it has an unescaped `$`, `\boxed`, `\(` or `\[`.
+MATH_DELIMITERS = re.compile(r"(?<!\\)\$|\\boxed|\\\(|\\\[")
+
+
+def _require_math_verify():
+    """The math_verify module, or an error that says how to install it."""
+    try:
+        import math_verify
+    except ImportError as error:
+        raise ImportError(
+            "Scoring MATH needs math-verify: `pip install 'math-verify[antlr4_13_2]'` "
+            "(or `pip install -e 'peft[eval]'`)."
+        ) from error
+    return math_verify
+
+
+def last_boxed_content(text: str) -> Optional[str]:
+    """The content of the last `\\boxed{...}` / `\\fbox{...}` in `text` (braces balanced), or None."""
+    start = max(text.rfind(command) for command in BOX_COMMANDS)
+    if start < 0:
+        return None
+    command = next(command for command in BOX_COMMANDS if text.startswith(command, start))
+    position = start + len(command)
+    while position < len(text) and text[position] == " ":
+        position += 1
+    if position >= len(text):
+        return None
+    if text[position] != "{":  # `\boxed 5`: the argument runs to the next space or `$`
+        match = re.match(r"[^\s$]+", text[position:])
+        return match.group(0) if match else None
+    depth = 0
+    for index in range(position, len(text)):
+        if text[index] == "{":
+            depth += 1
+        elif text[index] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[position + 1 : index]
+    return None
+
+
+def gold_answer(solution: str, where: str = "") -> str:
+    """The gold answer of a MATH solution: the content of its last `\\boxed{}`."""
+    answer = last_boxed_content(solution)
+    if answer is None:
+        raise DataFormatError(f"{where}: the MATH solution has no \\boxed{{...}} answer; is this the MATH test set?")
+    return answer
+
+
+# `\frac \pi4` (arguments without braces, one a command): math-verify 0.9 misreads it, so braces are added first.
+BRACELESS_FRACTION = re.compile(r"\\([dt]?frac)\s*(\\[A-Za-z]+|[A-Za-z0-9])\s*(\\[A-Za-z]+|[A-Za-z0-9])")
+
+
+def normalize_answer_latex(text: str) -> str:
+    """Small repairs math-verify needs: line breaks to spaces, braces around bare `\frac` arguments, no final
+    sentence period."""
+    text = " ".join(text.split("\n"))
+    text = BRACELESS_FRACTION.sub(lambda match: f"\\{match.group(1)}{{{match.group(2)}}}{{{match.group(3)}}}", text)
+    text = text.strip()
+    if text.endswith(".") and not text.endswith(".."):
+        text = text[:-1].rstrip()
+    return text
+
+
+@functools.lru_cache(maxsize=8192)
+def parse_gold(answer: str) -> tuple:
+    """math-verify's parse of a gold answer (cached; a tuple so it can be cached)."""
+    math_verify = _require_math_verify()
+    return tuple(math_verify.parse(f"$\\boxed{{{normalize_answer_latex(answer)}}}$"))
+
+
+def answer_text(completion: str) -> Optional[str]:
+    """The text after the last `The answer is` in a completion, up to a blank line and normalized, or None."""
+    markers = list(ANSWER_MARKER.finditer(completion))
+    if not markers:
+        return None
+    text = completion[markers[-1].end() :].strip()
+    text = normalize_answer_latex(text.split("\n\n", 1)[0])
+    return text or None
+
+
+def parse_prediction(completion: str) -> list:
+    """math-verify's parse of a completion's answer (see the module docstring for the order of attempts)."""
+    math_verify = _require_math_verify()
+    text = answer_text(completion)
+    if text is not None:
+        wrapped = text if MATH_DELIMITERS.search(text) else f"${text}$"
+        parsed = math_verify.parse(wrapped)
+        if parsed:
+            return parsed
+    return math_verify.parse(completion)
+
+
+def describe_parse(parsed: list) -> str:
+    """The source text of a math-verify parse (its last element), falling back to the sympy form."""
+    return parsed[-1] if isinstance(parsed[-1], str) else str(parsed[0])
+
+
+def extract_answer(completion: str) -> Optional[str]:
+    """A readable form of the answer math-verify finds in a completion, or None."""
+    parsed = parse_prediction(completion)
+    return describe_parse(parsed) if parsed else None
+
+
+def judge(completion: str, gold: str) -> tuple[Optional[str], bool]:
+    """The answer math-verify found in the completion (as text) and whether it equals the gold answer."""
+    math_verify = _require_math_verify()
+    prediction = parse_prediction(completion)
+    if not prediction:
+        return None, False
+    extracted = describe_parse(prediction)
+    gold_parsed = list(parse_gold(gold))
+    if not gold_parsed:
+        logger.warning("math-verify could not parse the gold answer %r; the item is scored wrong", gold)
+        return extracted, False
+    return extracted, bool(math_verify.verify(gold_parsed, prediction))
+
+
+def is_equivalent(gold: str, completion: str) -> bool:
+    """Whether math-verify finds the completion's answer equal to the gold answer."""
+    return judge(completion, gold)[1]
+
+
+def build_item(index: int, row: dict) -> EvaluationItem:
+    """The evaluation item of MATH row `index`: the problem as the Alpaca instruction, the boxed gold answer."""
+    return EvaluationItem(
+        id=index, prompt=format_prompt(row["problem"]), gold=gold_answer(row["solution"], f"row {index}")
+    )
+
+
+TASK = TaskSpec(
+    name="math",
+    default_data_file=HUB_ID,
+    hub_config=HUB_CONFIG,
+    required_fields=("problem", "solution"),
+    max_new_tokens=MAX_NEW_TOKENS,
+    build_item=build_item,
+    judge=lambda completion, item: judge(completion, item.gold),
+)
+
+__all__ = [
+    "HUB_ID",
+    "MAX_NEW_TOKENS",
+    "TASK",
+    "answer_text",
+    "build_item",
+    "extract_answer",
+    "gold_answer",
+    "is_equivalent",
+    "judge",
+    "last_boxed_content",
+    "normalize_answer_latex",
+    "parse_gold",
+    "parse_prediction",
+]

@@ -1,0 +1,352 @@
+"""The judge client and MT-Bench judging end to end, against an OpenAI-compatible stand-in served on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import runpy
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from tlora.evaluation.generation import CallableBackend
+from tlora.evaluation.judge import (
+    API_ERROR_OUTPUT,
+    JudgeClient,
+    JudgeConfigurationError,
+    JudgeSettings,
+    parse_rating,
+)
+from tlora.evaluation.mt_bench import (
+    generate_answers,
+    judge_messages,
+    load_answers,
+    load_judge_prompts,
+    load_questions,
+    make_single_matches,
+    summarize_judgments,
+    write_answers,
+)
+
+pytest.importorskip("openai")
+
+SECRET = "sk-stand-in-secret-0123456789"
+NO_RATING_MARKER = "(no rating please)"
+
+
+def stand_in_rating(user_prompt: str) -> int:
+    """The stand-in's deterministic rating of a prompt: 1..10 from its SHA-256."""
+    return int(hashlib.sha256(user_prompt.encode()).hexdigest(), 16) % 10 + 1
+
+
+class StandInJudge:
+    """A stdlib OpenAI-compatible `/v1/chat/completions` server that rates deterministically from the prompt.
+
+    `fail_first` requests get HTTP `fail_status`; a user prompt containing NO_RATING_MARKER gets an answer without a
+    rating; every request's headers and body are recorded.
+    """
+
+    def __init__(self, fail_first: int = 0, fail_status: int = 500) -> None:
+        self.fail_first = fail_first
+        self.fail_status = fail_status
+        self.requests: list[tuple[dict, dict]] = []
+        self.lock = threading.Lock()
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with judge.lock:
+                    judge.requests.append(({key.lower(): value for key, value in self.headers.items()}, body))
+                    failing = len(judge.requests) <= judge.fail_first
+                if failing or self.path != "/v1/chat/completions":
+                    status = judge.fail_status if failing else 404
+                    payload = {"error": {"message": "stand-in failure", "type": "server_error", "code": None}}
+                else:
+                    status = 200
+                    user = body["messages"][-1]["content"]
+                    text = (
+                        "I cannot rate this."
+                        if NO_RATING_MARKER in user
+                        else (f"The answer is fine. Rating: [[{stand_in_rating(user)}]]")
+                    )
+                    payload = {
+                        "id": "chatcmpl-stand-in",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+                        ],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    }
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-style base URL of the stand-in."""
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> "StandInJudge":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def client_for(judge: StandInJudge, **overrides) -> JudgeClient:
+    """A JudgeClient on the stand-in, with fast retries."""
+    options = dict(
+        model="stand-in-judge",
+        base_url=judge.base_url,
+        api_key_env="TLORA_TEST_JUDGE_KEY",
+        retry_base_seconds=0.01,
+        retry_max_seconds=0.02,
+        request_timeout=10,
+    )
+    options.update(overrides)
+    return JudgeClient(JudgeSettings(**options))
+
+
+@pytest.fixture(autouse=True)
+def judge_key(monkeypatch):
+    """The stand-in's key, in the environment only."""
+    monkeypatch.setenv("TLORA_TEST_JUDGE_KEY", SECRET)
+
+
+@pytest.fixture(scope="module")
+def mt_bench(shared_data):
+    """Paths of FastChat's MT-Bench files in ../shared/data."""
+    folder = shared_data / "mt_bench"
+    return {
+        "questions": str(folder / "question.jsonl"),
+        "judge_prompts": str(folder / "judge_prompts.jsonl"),
+        "references": str(folder / "reference_answer" / "gpt-4.jsonl"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ ratings
+
+
+@pytest.mark.parametrize(
+    "judgment, rating",
+    [
+        ("Rating: [[8]]", 8),
+        ("[[7.5]] and later [[2]]", 7.5),
+        ("Rating: [6]", 6),
+        ("Score [3] but [[9]]", 9),
+        ("no number", -1),
+        ("Rating: [[eight]]", -1),
+        (API_ERROR_OUTPUT, -1),
+    ],
+)
+def test_ratings_are_parsed_as_fastchat_does(judgment, rating):
+    assert parse_rating(judgment) == rating
+
+
+def test_our_patterns_are_fastchats():
+    common = pytest.importorskip("fastchat.llm_judge.common")
+    from tlora.evaluation.judge import ONE_SCORE_PATTERN, ONE_SCORE_PATTERN_BACKUP
+
+    assert ONE_SCORE_PATTERN.pattern == common.one_score_pattern.pattern
+    assert ONE_SCORE_PATTERN_BACKUP.pattern == common.one_score_pattern_backup.pattern
+
+
+def test_failed_ratings_are_excluded_from_the_mean_and_counted():
+    rows = [{"score": 8, "turn": 1}, {"score": -1, "turn": 1}, {"score": 4, "turn": 2}, {"score": 6, "turn": 2}]
+    assert summarize_judgments(rows) == {
+        "score": 6.0,
+        "turn_1": 8.0,
+        "turn_2": 5.0,
+        "num_judgments": 3,
+        "num_failed": 1,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the client
+
+
+def test_the_client_sends_fastchat_settings_and_the_key_only_as_a_header():
+    with StandInJudge() as judge:
+        text = client_for(judge).complete([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+    assert text == f"The answer is fine. Rating: [[{stand_in_rating('u')}]]"
+    headers, body = judge.requests[0]
+    assert headers["authorization"] == f"Bearer {SECRET}"
+    assert body["model"] == "stand-in-judge" and body["temperature"] == 0.0 and body["max_tokens"] == 2048
+    assert body["messages"] == [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+
+
+def test_transient_failures_are_retried_with_backoff():
+    with StandInJudge(fail_first=2, fail_status=503) as judge:
+        assert "Rating" in client_for(judge).complete([{"role": "user", "content": "u"}])
+    assert len(judge.requests) == 3
+
+
+def test_persistent_failures_give_fastchats_error_output():
+    with StandInJudge(fail_first=100, fail_status=500) as judge:
+        assert client_for(judge, max_retries=2).complete([{"role": "user", "content": "u"}]) == API_ERROR_OUTPUT
+    assert len(judge.requests) == 3
+
+
+def test_a_rejected_key_stops_at_once_without_showing_it():
+    with StandInJudge(fail_first=100, fail_status=401) as judge:
+        with pytest.raises(JudgeConfigurationError, match="TLORA_TEST_JUDGE_KEY") as error:
+            client_for(judge).complete([{"role": "user", "content": "u"}])
+    assert len(judge.requests) == 1 and SECRET not in str(error.value)
+
+
+def test_the_openai_judge_needs_a_key(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(JudgeConfigurationError, match="OPENAI_API_KEY"):
+        JudgeClient(JudgeSettings())
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def answer_text(prompt: str) -> str:
+    """A stand-in model: a reply that depends on the prompt; question 81's second turn gets an unratable answer."""
+    if "Rewrite your previous response. Start every sentence with the letter A." in prompt:
+        return f"A reply. {NO_RATING_MARKER}"
+    return f"Reply number {len(prompt) % 97}."
+
+
+def test_answers_to_judgment_to_score_end_to_end(mt_bench, tmp_path, repo_root, monkeypatch):
+    questions = load_questions(mt_bench["questions"])
+    answer_file = tmp_path / "eval" / "mt_bench_answers.jsonl"
+    write_answers(str(answer_file), generate_answers(questions, CallableBackend(answer_text), model_id="stand-in"))
+    output = tmp_path / "eval" / "mt_bench.json"
+    with StandInJudge() as judge:
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            [
+                "chat/judge_mt_bench.py",
+                "--predictions",
+                str(answer_file),
+                "--question_file",
+                mt_bench["questions"],
+                "--judge_prompts_file",
+                mt_bench["judge_prompts"],
+                "--reference_answer_file",
+                mt_bench["references"],
+                "--judge_base_url",
+                judge.base_url,
+                "--judge_model",
+                "stand-in-judge",
+                "--judge_api_key_env",
+                "TLORA_TEST_JUDGE_KEY",
+                "--output",
+                str(output),
+                "--parallel",
+                "4",
+            ],
+        )
+        runpy.run_path(str(repo_root / "chat" / "judge_mt_bench.py"), run_name="__main__")
+    assert len(judge.requests) == 160
+
+    # What the score must be: the stand-in's ratings of exactly the prompts FastChat's recipe builds.
+    matches = make_single_matches(
+        questions,
+        load_answers(str(answer_file)),
+        load_judge_prompts(mt_bench["judge_prompts"]),
+        load_answers(mt_bench["references"]),
+    )
+    expected = {}
+    for match in matches:
+        _, user_prompt = judge_messages(match)
+        expected[(match.question["question_id"], match.turn)] = (
+            -1 if NO_RATING_MARKER in user_prompt else stand_in_rating(user_prompt)
+        )
+    valid = {key: value for key, value in expected.items() if value != -1}
+    result = json.loads(output.read_text())
+    assert result["task"] == "mt_bench" and result["judge_model"] == "stand-in-judge"
+    assert result["num_judgments"] == 159 and result["num_failed"] == 1 == len(expected) - len(valid)
+    assert result["score"] == pytest.approx(sum(valid.values()) / len(valid))
+    assert result["turn_1"] == pytest.approx(sum(v for (_, turn), v in valid.items() if turn == 1) / 80)
+    assert result["turn_2"] == pytest.approx(sum(v for (_, turn), v in valid.items() if turn == 2) / 79)
+    assert 1 <= result["score"] <= 10
+    sent_prompts = {body["messages"][1]["content"] for _, body in judge.requests}
+    assert sent_prompts == {judge_messages(match)[1] for match in matches}
+
+    judgment_file = tmp_path / "eval" / "mt_bench_judgments.jsonl"
+    judgments = [json.loads(line) for line in judgment_file.read_text().splitlines()]
+    assert len(judgments) == 160
+    assert set(judgments[0]) == {"question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp"}
+    assert {tuple(row["judge"]) for row in judgments} == {
+        ("stand-in-judge", name)
+        for name in ("single-v1", "single-v1-multi-turn", "single-math-v1", "single-math-v1-multi-turn")
+    }
+    assert all(row["model"] == "stand-in" for row in judgments)
+    for path in (output, judgment_file, answer_file):
+        assert SECRET not in path.read_text()
+
+    # A second run reuses the valid judgments and asks again only for the one without a rating.
+    with StandInJudge() as judge:
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            [
+                "chat/judge_mt_bench.py",
+                "--predictions",
+                str(answer_file),
+                "--question_file",
+                mt_bench["questions"],
+                "--judge_prompts_file",
+                mt_bench["judge_prompts"],
+                "--reference_answer_file",
+                mt_bench["references"],
+                "--judge_base_url",
+                judge.base_url,
+                "--judge_model",
+                "stand-in-judge",
+                "--judge_api_key_env",
+                "TLORA_TEST_JUDGE_KEY",
+                "--output",
+                str(output),
+            ],
+        )
+        runpy.run_path(str(repo_root / "chat" / "judge_mt_bench.py"), run_name="__main__")
+    assert len(judge.requests) == 1
+    assert json.loads(output.read_text())["score"] == pytest.approx(result["score"])
+
+
+def test_judging_a_subset_with_limit(mt_bench, tmp_path):
+    from tlora.evaluation.mt_bench import run_judgment
+
+    questions = load_questions(mt_bench["questions"], limit=3)
+    answer_file = tmp_path / "answers.jsonl"
+    write_answers(str(answer_file), generate_answers(questions, CallableBackend(lambda p: "ok"), model_id="m"))
+    with StandInJudge() as judge:
+        result = run_judgment(
+            answer_file=str(answer_file),
+            question_file=mt_bench["questions"],
+            judge_prompts_file=mt_bench["judge_prompts"],
+            reference_answer_file="/nonexistent",
+            client=client_for(judge),
+            limit=3,
+            parallel=2,
+        )
+    assert result["num_judgments"] == 6 and result["limit"] == 3 and result["reference_answer_file"] is None
+    assert [(row["question_id"], row["turn"]) for row in result["records"]] == [
+        (81, 1),
+        (81, 2),
+        (82, 1),
+        (82, 2),
+        (83, 1),
+        (83, 2),
+    ]
