@@ -1,0 +1,261 @@
+"""Command-line arguments of the training scripts: `transformers.HfArgumentParser` dataclasses plus task defaults.
+
+Every `transformers.TrainingArguments` flag (including `--deepspeed`, `--bf16`, `--report_to`,
+`--resume_from_checkpoint`) is accepted as Hugging Face users expect. A task script only changes defaults through
+`TaskDefaults`; the options and their meaning are the same for every task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from transformers import HfArgumentParser, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("full", "lora", "adalora", "loraplus", "dora", "olora", "pissa", "loraga", "corda", "eva", "tlora")
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelArguments:
+    """Which base model to adapt and how to load it."""
+
+    base_model: str = field(
+        default="meta-llama/Llama-2-7b-hf",
+        metadata={"help": "Hub id or local directory of the base model (and its tokenizer)."},
+    )
+    tokenizer: Optional[str] = field(
+        default=None, metadata={"help": "Hub id or local directory of the tokenizer. Default: --base_model."}
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype the base model is loaded in: 'auto' (bfloat16 with --bf16, float16 with --fp16, else "
+            "float32; float32 for --method full without DeepSpeed), 'float32', 'bfloat16' or 'float16'.",
+            "choices": ["auto", "float32", "bfloat16", "float16"],
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow code shipped with the model or tokenizer to run. Off unless you trust the source."},
+    )
+    attn_implementation: Optional[str] = field(
+        default=None, metadata={"help": "Attention kernel passed to from_pretrained, e.g. 'sdpa' or 'flash_attention_2'."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the training rows come from and how they become token sequences."""
+
+    data_path: str = field(
+        default="meta-math/MetaMathQA",
+        metadata={"help": "Local .json / .jsonl / .parquet file, or a Hugging Face Hub dataset id."},
+    )
+    dataset_config: Optional[str] = field(
+        default=None, metadata={"help": "Configuration (subset) name of a hub dataset, e.g. 'sst2' for GLUE."}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset to train on."})
+    max_samples: Optional[int] = field(
+        default=None, metadata={"help": "Train on the first N rows only (the paper: the first 100k). Default: all."}
+    )
+    dataset_field: list[str] = field(
+        default_factory=lambda: ["query", "response"],
+        metadata={
+            "help": "Column names: instruction and response (generation tasks); text and label, or text, text pair "
+            "and label (nlu_train.py)."
+        },
+    )
+    input_field: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Optional column with extra context (commonsense: 'input'); when a row has it non-empty the "
+            "prompt gets an '### Input:' section."
+        },
+    )
+    cutoff_len: int = field(default=512, metadata={"help": "Truncate every tokenized example to this many tokens."})
+    eval_split: Optional[str] = field(
+        default=None,
+        metadata={"help": "Split (hub) or file (local) to evaluate on at the end; nlu_train.py reports accuracy."},
+    )
+
+
+@dataclass
+class MethodArguments:
+    """The fine-tuning method and its hyper-parameters (PEFT's reference implementation of each)."""
+
+    method: str = field(default="tlora", metadata={"help": "Fine-tuning method.", "choices": list(METHODS)})
+    lora_r: int = field(default=128, metadata={"help": "LoRA rank r (TLoRA: the nominal rank; AdaLoRA: init_r)."})
+    lora_alpha: float = field(default=128, metadata={"help": "LoRA alpha (scaling alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch input."})
+    target_modules: list[str] = field(
+        default_factory=lambda: list(LLAMA_PROJECTIONS),
+        metadata={
+            "help": "Module names (or suffixes) that get an adapter; comma- or space-separated; 'all-linear' for "
+            "every linear layer but the head."
+        },
+    )
+    calibration_samples: int = field(
+        default=256,
+        metadata={
+            "help": "Training rows the data-driven methods (tlora, corda, eva, loraga) calibrate on, drawn by "
+            "shuffling the training set with --seed and taking the first N."
+        },
+    )
+    calibration_batch_size: int = field(
+        default=8,
+        metadata={"help": "Batch size of the calibration passes (CorDA always uses 1: its hooks need it)."},
+    )
+    global_batch_size: int = field(
+        default=0,
+        metadata={
+            "help": "Total batch size across devices and accumulation (paper: 128; commonsense 32). When > 0, "
+            "gradient_accumulation_steps = global_batch_size / (per_device_train_batch_size x world size). "
+            "0: use --gradient_accumulation_steps as given."
+        },
+    )
+    merge: bool = field(
+        default=False,
+        metadata={"help": "Also write the merged full model and tokenizer to <output_dir>/merged (ready for vLLM)."},
+    )
+    # ----- TLoRA -----
+    rank_budget: Optional[int] = field(
+        default=None, metadata={"help": "TLoRA: total rank R (default r x number of target modules)."}
+    )
+    parameter_budget: Optional[int] = field(
+        default=None, metadata={"help": "TLoRA: trainable-parameter budget instead of a rank budget."}
+    )
+    min_rank: int = field(default=0, metadata={"help": "TLoRA: smallest rank a module may receive (0: may be dropped)."})
+    allocate_scales: bool = field(default=True, metadata={"help": "TLoRA: allocate per-module scales alpha_l."})
+    sensitivity: str = field(
+        default="per_sample",
+        metadata={"help": "TLoRA sensitivity mode.", "choices": ["per_sample", "batch"]},
+    )
+    svd_method: str = field(
+        default="gram",
+        metadata={"help": "TLoRA: how the top singular vectors of W C are found.", "choices": ["gram", "exact", "randomized"]},
+    )
+    statistics_cache: Optional[str] = field(
+        default=None,
+        metadata={"help": "TLoRA: safetensors file to reuse calibration statistics from (written if absent)."},
+    )
+    # ----- baselines -----
+    loraplus_lr_ratio: float = field(default=16.0, metadata={"help": "LoRA+: learning-rate ratio lr_B / lr_A."})
+    adalora_target_r: Optional[int] = field(
+        default=None, metadata={"help": "AdaLoRA: target average rank (default lora_r / 2; init_r is lora_r)."}
+    )
+    adalora_tinit: float = field(
+        default=0.1, metadata={"help": "AdaLoRA: initial warm-up without pruning, as a fraction (<1) or steps (>=1)."}
+    )
+    adalora_tfinal: float = field(
+        default=0.2, metadata={"help": "AdaLoRA: final fine-tuning with fixed ranks, as a fraction (<1) or steps."}
+    )
+    adalora_delta_t: int = field(default=10, metadata={"help": "AdaLoRA: steps between two budget allocations."})
+    pissa_niter: int = field(
+        default=0, metadata={"help": "PiSSA: 0 = exact SVD ('pissa'); N > 0 = fast SVD with N iterations."}
+    )
+    corda_method: str = field(
+        default="ipm", metadata={"help": "CorDA mode: 'ipm' (instruction-previewed) or 'kpm'.", "choices": ["ipm", "kpm"]}
+    )
+    eva_rho: float = field(default=2.0, metadata={"help": "EVA: rank redistribution factor rho."})
+    eva_tau: float = field(default=0.99, metadata={"help": "EVA: cosine-similarity threshold for convergence."})
+    eva_max_passes: int = field(
+        default=10,
+        metadata={
+            "help": "EVA: at most this many passes over the calibration samples; PEFT's loop has no limit, so "
+            "components not converged by then are used as they are (recorded in the run record)."
+        },
+    )
+    loraga_direction: str = field(
+        default="ArB2r",
+        metadata={"help": "LoRA-GA direction.", "choices": ["ArBr", "A2rBr", "ArB2r", "random"]},
+    )
+    loraga_scale: str = field(
+        default="stable",
+        metadata={"help": "LoRA-GA scale.", "choices": ["stable", "weight_svd", "gd_scale", "unit"]},
+    )
+
+    def __post_init__(self):
+        self.target_modules = split_names(self.target_modules)
+        if self.lora_r <= 0:
+            raise ValueError(f"--lora_r must be positive, got {self.lora_r}")
+        if self.calibration_samples <= 0:
+            raise ValueError(f"--calibration_samples must be positive, got {self.calibration_samples}")
+        if self.calibration_batch_size <= 0:
+            raise ValueError(f"--calibration_batch_size must be positive, got {self.calibration_batch_size}")
+
+
+def split_names(names: Sequence[str]) -> list[str]:
+    """Flatten ['q_proj,k_proj', 'v_proj'] into ['q_proj', 'k_proj', 'v_proj']."""
+    flat = [part.strip() for name in names for part in str(name).split(",")]
+    return [name for name in flat if name]
+
+
+@dataclass
+class TaskDefaults:
+    """What distinguishes one training script from another: its data fields and the paper's hyper-parameters."""
+
+    name: str
+    kind: str = "causal_lm"  # "causal_lm" or "sequence_classification"
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, MethodArguments, TrainingArguments)
+
+
+def paper_defaults(**overrides: Any) -> dict[str, Any]:
+    """The paper's set-up (Llama-2-7B, r = alpha = 128, 1 epoch, lr 2e-5, cosine, 3 % warm-up, batch 128 of
+    micro-batches of 8, cut-off 512, bf16 where the GPU supports it), updated with a task's `overrides`."""
+    import torch
+
+    defaults: dict[str, Any] = {
+        "base_model": "meta-llama/Llama-2-7b-hf",
+        "lora_r": 128,
+        "lora_alpha": 128,
+        "cutoff_len": 512,
+        "global_batch_size": 128,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 2e-5,
+        "num_train_epochs": 1,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.03,
+        "weight_decay": 0.0,
+        "logging_steps": 10,
+        "save_steps": 500,
+        "save_total_limit": 2,
+        "report_to": "none",
+        "bf16": bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+        "dataloader_pin_memory": torch.cuda.is_available(),
+    }
+    defaults.update(overrides)
+    return defaults
+
+
+def build_parser(task: TaskDefaults) -> HfArgumentParser:
+    """An `HfArgumentParser` over all argument classes whose defaults are the task's."""
+    parser = HfArgumentParser(ARGUMENT_CLASSES, description=task.description or None)
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(task.defaults) - known)
+    if unknown:
+        raise ValueError(f"task {task.name!r} sets defaults for unknown options: {unknown}")
+    parser.set_defaults(**task.defaults)
+    return parser
+
+
+def parse_arguments(
+    task: TaskDefaults, argv: Optional[Sequence[str]] = None
+) -> tuple[ModelArguments, DataArguments, MethodArguments, TrainingArguments]:
+    """Parse `argv` (default: sys.argv) into the four argument dataclasses, with the task's defaults."""
+    parser = build_parser(task)
+    model_args, data_args, method_args, training_args = parser.parse_args_into_dataclasses(
+        args=list(argv) if argv is not None else None
+    )
+    if "{method}" in str(training_args.output_dir):
+        training_args.output_dir = str(training_args.output_dir).format(method=method_args.method)
+    return model_args, data_args, method_args, training_args

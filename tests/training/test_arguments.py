@@ -1,0 +1,89 @@
+"""The command line: HfArgumentParser with every TrainingArguments flag, task defaults, batch-size resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tlora.training import DataArguments, MethodArguments, ModelArguments, build_parser
+from tlora.training.core import parse_training_arguments
+from training_helpers import DS_CONFIG, load_task
+
+SCRIPTS = ["math_train.py", "commonsense_train.py", "code_train.py", "chat_train.py", "nlu_train.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_documents_every_option(script):
+    parser = build_parser(load_task(script))
+    text = parser.format_help()
+    for cls in (ModelArguments, DataArguments, MethodArguments):
+        for field in dataclasses.fields(cls):
+            assert f"--{field.name}" in text
+            assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help text"
+    for flag in ("--deepspeed", "--resume_from_checkpoint", "--report_to", "--bf16", "--gradient_checkpointing"):
+        assert flag in text
+
+
+def test_math_defaults_are_the_papers():
+    model, data, method, training = parse_training_arguments(load_task("math_train.py"), [])
+    assert model.base_model == "meta-llama/Llama-2-7b-hf" and not model.trust_remote_code
+    assert (data.data_path, data.dataset_field, data.max_samples, data.cutoff_len) == (
+        "meta-math/MetaMathQA", ["query", "response"], 100_000, 512,
+    )
+    assert (method.method, method.lora_r, method.lora_alpha, method.calibration_samples) == ("tlora", 128, 128, 256)
+    assert method.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert training.learning_rate == 2e-5 and training.num_train_epochs == 1
+    assert training.lr_scheduler_type == "cosine" and training.warmup_steps == 0.03
+    assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 128  # one process
+    assert training.report_to in ("none", [], ["none"]) and training.output_dir == "outputs/math-tlora"
+
+
+def test_task_scripts_differ_only_in_their_defaults():
+    commonsense = parse_training_arguments(load_task("commonsense_train.py"), ["--method", "lora"])
+    _, data, method, training = commonsense
+    assert data.input_field == "input" and data.dataset_field == ["instruction", "output"]
+    assert (method.lora_r, method.lora_alpha, training.learning_rate) == (32, 32, 1e-4)
+    assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 32
+    assert training.output_dir == "outputs/commonsense-lora"
+    assert parse_training_arguments(load_task("code_train.py"), [])[1].dataset_field == ["query", "answer"]
+    assert parse_training_arguments(load_task("chat_train.py"), [])[1].dataset_field == ["instruction", "output"]
+    nlu = load_task("nlu_train.py")
+    assert nlu.kind == "sequence_classification"
+    assert parse_training_arguments(nlu, [])[1].dataset_config == "sst2"
+
+
+def test_global_batch_size_sets_accumulation_and_rejects_contradictions():
+    task = load_task("math_train.py")
+    training = parse_training_arguments(task, ["--global_batch_size", "32", "--per_device_train_batch_size", "4"])[3]
+    assert training.gradient_accumulation_steps == 8
+    training = parse_training_arguments(task, ["--global_batch_size", "0", "--gradient_accumulation_steps", "3"])[3]
+    assert training.gradient_accumulation_steps == 3
+    with pytest.raises(ValueError, match="not a multiple"):
+        parse_training_arguments(task, ["--global_batch_size", "30", "--per_device_train_batch_size", "4"])
+    with pytest.raises(ValueError, match="contradicts"):
+        parse_training_arguments(task, ["--global_batch_size", "32", "--gradient_accumulation_steps", "2"])
+
+
+def test_target_modules_accept_commas_and_spaces_and_bad_choices_fail():
+    task = load_task("math_train.py")
+    method = parse_training_arguments(task, ["--target_modules", "q_proj,v_proj", "o_proj"])[2]
+    assert method.target_modules == ["q_proj", "v_proj", "o_proj"]
+    with pytest.raises(SystemExit):
+        parse_training_arguments(task, ["--method", "qlora"])
+
+
+def test_deepspeed_config_fills_its_auto_values_from_the_arguments():
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    try:
+        training = parse_training_arguments(
+            load_task("math_train.py"),
+            ["--deepspeed", str(DS_CONFIG), "--global_batch_size", "16", "--per_device_train_batch_size", "4", "--bf16", "false"],
+        )[3]
+        config = training.hf_deepspeed_config.config
+        assert config["zero_optimization"]["stage"] == 2
+        assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"]) == (4, 4, 16)
+        assert config["bf16"]["enabled"] is False
+    finally:
+        unset_hf_deepspeed_config()
