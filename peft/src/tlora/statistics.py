@@ -318,7 +318,8 @@ def per_sample_losses(
     outputs: Any, batch: Mapping[str, torch.Tensor], model: nn.Module, kind: Optional[str] = None
 ) -> Optional[tuple[torch.Tensor, torch.Tensor, str]]:
     """Each sample's mean loss, recomputed from the logits, as (losses, valid, kind), or None if the model's loss
-    is not a recognised decomposition (checked against `outputs.loss`).
+    is not a recognised decomposition (checked against `outputs.loss`; when the model returned no loss, `kind` must
+    be a decomposition verified before and is trusted).
 
     `valid` is False for samples without any label (their loss is undefined). `kind` names the decomposition
     found ("causal", "token", "single_label", "regression", "multi_label") so later batches skip the search.
@@ -326,8 +327,14 @@ def per_sample_losses(
     logits = getattr(outputs, "logits", None)
     labels = batch.get("labels")
     reference = getattr(outputs, "loss", None)
-    if logits is None or labels is None or reference is None:
+    if logits is None or labels is None:
         return None
+    if reference is None:
+        # A decomposition already verified on an earlier batch: the model was run without labels.
+        if kind is None:
+            return None
+        result = _decompose(kind, logits, labels)
+        return None if result is None else (result[0], result[1], kind)
     candidates: list[str]
     if kind is not None:
         candidates = [kind]
@@ -352,10 +359,12 @@ def _decompose(kind: str, logits: torch.Tensor, labels: torch.Tensor):
     functional = nn.functional
     if kind in ("causal", "token"):
         if kind == "causal":
-            logits, labels = logits[:, :-1], labels[:, 1:]
+            # Shift the labels, not the logits: position t predicts token t + 1 (as transformers' ForCausalLMLoss).
+            labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        batch, length, vocabulary = logits.shape
         token_losses = functional.cross_entropy(
-            logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        )
+            logits.reshape(batch * length, vocabulary).float(), labels.reshape(-1), ignore_index=-100, reduction="none"
+        ).view(batch, length)
         counts = (labels != -100).sum(dim=1)
         sums = token_losses.sum(dim=1)
         valid = counts > 0
@@ -836,10 +845,16 @@ def compute_statistics(
                 all_valid=bool(mask.all().item()),
             )
             collector.state = state
+            # Once the per-sample split of the loss is verified, the model need not compute its own loss as well.
+            skip_model_loss = (
+                loss_kind is not None and not sample_by_sample and batch_size > 1 and config.sensitivity == "per_sample"
+                and not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+            )
+            forward_inputs = {k: v for k, v in inputs.items() if k != "labels"} if skip_model_loss else inputs
             with torch.enable_grad():
                 state.collect_sensitivity = not sample_by_sample
-                outputs = model(**inputs)
-                if getattr(outputs, "loss", None) is None:
+                outputs = model(**forward_inputs)
+                if not skip_model_loss and getattr(outputs, "loss", None) is None:
                     raise CalibrationError(
                         f"the model returned no loss for calibration batch {batch_index} although it has labels"
                     )
@@ -903,6 +918,9 @@ def _losses_to_differentiate(outputs, inputs, model, mode: str, loss_kind, sampl
     decomposition found, whether to fall back to one pass per sample)."""
     batch_size = inputs["input_ids"].shape[0]
     labelled = _has_labels(inputs["labels"])
+    if getattr(outputs, "loss", None) is None:  # run without labels: the verified split gives the losses
+        losses, valid, loss_kind = per_sample_losses(outputs, inputs, model, loss_kind)
+        return losses.detach(), valid, losses.sum(), loss_kind, False
     batch_loss = outputs.loss.detach().reshape(1).expand(batch_size)
     if mode == "batch" or sample_by_sample:
         return batch_loss, labelled, (None if sample_by_sample else outputs.loss), loss_kind, sample_by_sample

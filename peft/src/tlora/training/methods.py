@@ -309,8 +309,13 @@ def build_eva(context: MethodContext) -> BuiltMethod:
 
     calibration = _require_calibration(context)
     arguments = context.arguments
+    # EVA masks tokens by `labels != -100`, which only makes sense for token labels: with one label per sample
+    # (sequence classification) the attention mask alone selects the tokens.
+    token_labels = str(context.task_type) not in ("SEQ_CLS", "TaskType.SEQ_CLS")
     config = lora_config(
-        context, init_lora_weights="eva", eva_config=EvaConfig(rho=arguments.eva_rho, tau=arguments.eva_tau)
+        context,
+        init_lora_weights="eva",
+        eva_config=EvaConfig(rho=arguments.eva_rho, tau=arguments.eva_tau, use_label_mask=token_labels),
     )
     loader = calibration.loader(arguments.calibration_batch_size)
     forward = _BoundedEvaForward(arguments.eva_max_passes * len(loader))

@@ -1,0 +1,630 @@
+"""Shared machinery of the benchmarks: fresh-process measurements, interleaved repetitions, machine facts, random
+Llama models and calibration data, and the JSON / Markdown output.
+
+Every measurement that reports memory runs in a fresh Python process (`run_case`), so its peak resident set size
+belongs to that case alone (by default a process forked from a clean fork server that has only imported the libraries,
+which saves their ~5-10 s import per case; `--isolation subprocess` starts a new interpreter instead); repetitions of the cases of one part are interleaved (A B C, C B A, A B C,
+...) so that slow drifts of the machine's load hit every case alike, and ratios are taken between cases measured in
+the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+logger = logging.getLogger("bench")
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+WORKER = BENCH_DIR / "worker.py"
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CHILD_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TQDM_DISABLE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+class CaseError(RuntimeError):
+    """A benchmark case failed in its worker process."""
+
+
+@dataclass
+class Settings:
+    """How a part runs: sizes, repetitions, device, isolation and where results go."""
+
+    scale: str = "full"  # "full", "quick" (small sizes, by hand) or "tiny" (smallest, for the tests)
+    repeats: int = 3
+    device: str = "cpu"
+    isolation: str = "forkserver"  # "forkserver", "subprocess" or "in-process"
+    results_dir: Path = RESULTS_DIR
+    command: str = ""
+    timeout_s: float = 3600.0
+    threads: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def quick(self) -> bool:
+        """Reduced sizes: the numbers only show that the part runs."""
+        return self.scale != "full"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["quick"] = self.quick
+        data["results_dir"] = str(self.results_dir)
+        return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Machine facts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is returned as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def machine_info(device: str) -> dict:
+    """CPU model and cores, memory, load, library versions, torch threads and the accelerator, for the record."""
+    import peft
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "memory_total_gib": round(_memory_total_bytes() / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "device": device,
+    }
+    try:
+        import tlora
+
+        info["tlora"] = tlora.__version__
+    except ImportError:
+        info["tlora"] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["accelerator"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _memory_total_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def describe_machine(info: dict) -> str:
+    """One line: CPU model, cores, threads, torch, accelerator."""
+    text = (
+        f"{info['cpu_model']}, {info['usable_cpus']} usable of {info['logical_cpus']} logical CPUs, "
+        f"{info['memory_total_gib']} GiB RAM, torch {info['torch']} ({info['torch_threads']} threads), "
+        f"transformers {info['transformers']}, peft {info['peft']}, device {info['device']}"
+    )
+    if info.get("accelerator"):
+        text += f" ({info['accelerator']})"
+    load = info.get("load_average_at_start")
+    if load:
+        text += f"; load average at start {load[0]:.2f}"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring inside a case
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued accelerator work so that wall times are honest."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def stopwatch(device: str, record: dict, key: str) -> Iterator[None]:
+    """Time the block (synchronising the accelerator at both ends) into record[key] in seconds."""
+    synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        synchronize(device)
+        record[key] = time.perf_counter() - start
+
+
+def peak_rss_mib() -> float:
+    """The peak resident set size of this process since it started or since the last `reset_peak_memory`, in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+def current_rss_mib() -> float:
+    """The resident set size of this process now, in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+_PEAK_SCOPE = {"rss": "process"}
+
+
+def reset_peak_memory(device: str) -> str:
+    """Start a new peak-memory window for the RSS (Linux: clear_refs 5 resets VmHWM) and the accelerator; returns
+    the scope the RSS peak will have ('phase', or 'process' where the reset is not available)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        _PEAK_SCOPE["rss"] = "phase"
+    except OSError:
+        _PEAK_SCOPE["rss"] = "process"
+    return _PEAK_SCOPE["rss"]
+
+
+def accelerator_peak_mib(device: str) -> Optional[float]:
+    """Peak accelerator memory allocated by torch since the last reset, in MiB (None on the CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def memory_record(device: str, rss_at_start: float) -> dict:
+    """Peak RSS since the last reset, RSS when the measured phase began, and the accelerator peak of that phase."""
+    peak = peak_rss_mib()
+    record = {"peak_rss_mib": peak, "rss_at_start_mib": rss_at_start, "peak_above_start_mib": peak - rss_at_start,
+              "peak_rss_scope": _PEAK_SCOPE["rss"]}
+    accelerator = accelerator_peak_mib(device)
+    if accelerator is not None:
+        record["peak_accelerator_mib"] = accelerator
+    return record
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LlamaSize:
+    """Shape of a randomly initialised Llama."""
+
+    hidden_size: int = 512
+    num_layers: int = 8
+    intermediate_size: int = 1376
+    num_heads: int = 8
+    vocab_size: int = 32000
+
+    @property
+    def num_targets(self) -> int:
+        return 7 * self.num_layers
+
+
+def random_llama(size: LlamaSize | dict, device: str = "cpu", seed: int = 0, dtype: str = "float32"):
+    """A `LlamaForCausalLM` with random weights (fixed seed) of the given size, in eval mode, use_cache off."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    size = LlamaSize(**size) if isinstance(size, dict) else size
+    config = LlamaConfig(
+        vocab_size=size.vocab_size,
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        num_key_value_heads=size.num_heads,
+        max_position_embeddings=4096,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype=getattr(torch, dtype))
+    model.config.use_cache = False
+    model.eval()
+    return model.to(device)
+
+
+def random_examples(num_samples: int, seq_len: int, vocab_size: int, seed: int = 1) -> list[dict]:
+    """`num_samples` sequences of `seq_len` random tokens, labels equal to the inputs (a causal LM loss)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, vocab_size, (num_samples, seq_len), generator=generator)
+    return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in tokens]
+
+
+def calibration_set(examples: list[dict], seed: int = 1):
+    """The examples as the training core's `CalibrationSet` (all of them, in order) with its padding collator."""
+    from tlora.training.data import CalibrationSet, ExampleDataset, PaddingCollator
+
+    dataset = ExampleDataset(examples, list(range(len(examples))))
+    return CalibrationSet(dataset, list(range(len(examples))), seed, PaddingCollator(pad_token_id=0))
+
+
+def batches_on(loader, device: str) -> list[dict]:
+    """Materialise a loader's batches on `device` (outside any timed region)."""
+    return [{k: v.to(device) for k, v in batch.items()} for batch in loader]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running cases: fresh processes, interleaved repetitions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One measurement: `module.function(**kwargs)` run in a worker process, returning a dict of numbers."""
+
+    name: str
+    module: str
+    function: str
+    kwargs: dict = field(default_factory=dict)
+
+
+ISOLATIONS = ("forkserver", "subprocess", "in-process")
+PRELOAD_MODULES = ["common", "torch", "transformers", "peft", "tlora", "tlora.training.methods"]
+
+
+def run_case(case: Case, settings: Settings) -> dict:
+    """Run one case, in a fresh process unless `settings.isolation` is 'in-process' (memory figures then belong to
+    this case alone)."""
+    start = time.perf_counter()
+    if settings.isolation == "in-process":
+        result = _run_in_process(case)
+    elif settings.isolation == "forkserver":
+        result = _run_forked(case, settings.timeout_s)
+    elif settings.isolation == "subprocess":
+        result = _run_in_subprocess(case, settings.timeout_s)
+    else:
+        raise ValueError(f"isolation must be one of {ISOLATIONS}, got {settings.isolation!r}")
+    result["isolation"] = settings.isolation
+    result["case_wall_s"] = time.perf_counter() - start
+    return result
+
+
+def prepare_isolation(settings: Settings) -> None:
+    """Set the environment every case process inherits (offline hubs, threads) before any is started."""
+    os.environ.update(CHILD_ENVIRONMENT)
+    if settings.threads:
+        os.environ.update(OMP_NUM_THREADS=str(settings.threads), MKL_NUM_THREADS=str(settings.threads))
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+
+
+def _call(case: Case) -> dict:
+    import importlib
+
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    module = importlib.import_module(case.module)
+    result = getattr(module, case.function)(**case.kwargs)
+    result.setdefault("peak_rss_mib", peak_rss_mib())
+    if "torch" in sys.modules:
+        result.setdefault("torch_threads", sys.modules["torch"].get_num_threads())
+    return result
+
+
+def _run_in_process(case: Case) -> dict:
+    return _call(case)
+
+
+_FORKSERVER: dict[str, Any] = {}
+
+
+def _forkserver_context():
+    """A multiprocessing context whose fork server has imported torch, transformers, peft and tlora (once)."""
+    if "context" not in _FORKSERVER:
+        import multiprocessing
+
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD_MODULES)
+        _FORKSERVER["context"] = context
+    return _FORKSERVER["context"]
+
+
+_PROGRESS = {"fd": None}
+
+
+def case_progress(message: str) -> None:
+    """A progress line from inside a case, shown on the terminal of bench/run.py (the case's own output goes to
+    its log)."""
+    line = f"    {message}\n"
+    if _PROGRESS["fd"] is not None:
+        os.write(_PROGRESS["fd"], line.encode())
+    else:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+def _forked_main(case: Case, result_path: str, log_path: str) -> None:
+    """Body of a forked case process: output to a log file (progress lines to the terminal), result to JSON."""
+    _PROGRESS["fd"] = os.dup(1)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    logging.basicConfig(level=logging.WARNING)
+    Path(result_path).write_text(json.dumps(_call(case)))
+
+
+def _run_forked(case: Case, timeout_s: float) -> dict:
+    context = _forkserver_context()
+    with tempfile.TemporaryDirectory(prefix="tlora-bench-") as directory:
+        result_path, log_path = Path(directory) / "result.json", Path(directory) / "case.log"
+        process = context.Process(target=_forked_main, args=(case, str(result_path), str(log_path)))
+        process.start()
+        try:
+            process.join(timeout_s)
+            if process.is_alive():
+                raise CaseError(f"case {case.name} ran longer than {timeout_s:.0f} s and was stopped")
+        finally:
+            if process.is_alive():  # timed out, or bench/run.py was interrupted
+                process.terminate()
+                process.join()
+        if process.exitcode != 0 or not result_path.is_file():
+            tail = log_path.read_text(errors="replace")[-4000:] if log_path.is_file() else ""
+            raise CaseError(f"case {case.name} ({case.module}.{case.function}) failed with exit code "
+                            f"{process.exitcode}:\n{tail}")
+        return json.loads(result_path.read_text())
+
+
+def _run_in_subprocess(case: Case, timeout_s: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="tlora-bench-") as directory:
+        spec_path = Path(directory) / "spec.json"
+        result_path = Path(directory) / "result.json"
+        spec_path.write_text(json.dumps({"module": case.module, "function": case.function, "kwargs": case.kwargs}))
+        environment = dict(os.environ, **CHILD_ENVIRONMENT)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), environment.get("PYTHONPATH")]))
+        process = subprocess.run(
+            [sys.executable, str(WORKER), str(spec_path), str(result_path)],
+            cwd=str(REPO_ROOT),
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        if process.returncode != 0 or not result_path.is_file():
+            tail = (process.stdout + process.stderr)[-4000:]
+            raise CaseError(f"case {case.name} ({case.module}.{case.function}) failed with exit code "
+                            f"{process.returncode}:\n{tail}")
+        return json.loads(result_path.read_text())
+
+
+def interleaved_order(names: Sequence[str], repeats: int) -> list[tuple[int, str]]:
+    """(repeat, case) pairs in alternating order: A B C, C B A, A B C, ..."""
+    order = []
+    for repeat in range(repeats):
+        sequence = list(names) if repeat % 2 == 0 else list(reversed(names))
+        order.extend((repeat, name) for name in sequence)
+    return order
+
+
+def run_interleaved(
+    cases: Sequence[Case], settings: Settings, progress: Optional[Callable[[str], None]] = None
+) -> dict[str, list[dict]]:
+    """Run every case `settings.repeats` times in interleaved order; returns name -> list of results by repeat."""
+    by_name = {case.name: case for case in cases}
+    results: dict[str, list[dict]] = {case.name: [] for case in cases}
+    order = interleaved_order(list(by_name), settings.repeats)
+    for index, (repeat, name) in enumerate(order, 1):
+        result = run_case(by_name[name], settings)
+        result["repeat"] = repeat
+        results[name].append(result)
+        if progress is not None:
+            progress(f"[{index}/{len(order)}] {name} (repeat {repeat + 1}): {short_result(result)}")
+    return results
+
+
+def short_result(result: dict) -> str:
+    """A one-line digest of a case result for progress logs."""
+    keys = [k for k in result if k.endswith("_s") and isinstance(result[k], (int, float))][:4]
+    parts = [f"{k}={result[k]:.2f}" for k in keys]
+    if "peak_rss_mib" in result:
+        parts.append(f"peak_rss={result['peak_rss_mib']:.0f}MiB")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics of repetitions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> Optional[float]:
+    """Median of the non-missing values (None when there are none)."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise_runs(runs: Sequence[dict]) -> dict:
+    """For every numeric field of the runs: median, min, max and the values in repeat order."""
+    keys = []
+    for run in runs:
+        for key, value in run.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in keys and key != "repeat":
+                keys.append(key)
+    summary = {}
+    for key in keys:
+        values = [run.get(key) for run in runs]
+        present = [v for v in values if v is not None]
+        summary[key] = {
+            "median": median(present),
+            "min": min(present) if present else None,
+            "max": max(present) if present else None,
+            "values": values,
+        }
+    return summary
+
+
+def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    """numerator / denominator, or None when either is missing or the denominator is zero."""
+    if numerator is None or denominator in (None, 0):
+        return None
+    return numerator / denominator
+
+
+def paired_ratio(first: Sequence[dict], second: Sequence[dict], key_first: str, key_second: str) -> dict:
+    """Median and range of the per-repeat ratios first[key] / second[key] (runs paired by repeat index)."""
+    by_repeat = {run.get("repeat"): run for run in second}
+    ratios = []
+    for run in first:
+        other = by_repeat.get(run.get("repeat"))
+        if other is not None:
+            value = ratio(run.get(key_first), other.get(key_second))
+            if value is not None:
+                ratios.append(value)
+    return {
+        "median": median(ratios),
+        "min": min(ratios) if ratios else None,
+        "max": max(ratios) if ratios else None,
+        "values": ratios,
+    }
+
+
+def target_check(name: str, value: Optional[float], bound: float, comparison: str = "<=") -> dict:
+    """A target of the issue: the measured value, the bound and whether it is met."""
+    if value is None:
+        met = None
+    elif comparison == "<=":
+        met = value <= bound
+    elif comparison == "<":
+        met = value < bound
+    elif comparison == ">=":
+        met = value >= bound
+    else:
+        raise ValueError(comparison)
+    return {"target": name, "value": value, "bound": f"{comparison} {bound:g}", "met": met}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def part_header(part: str, settings: Settings, machine: dict, started: float) -> dict:
+    """The common fields of every part's JSON."""
+    return {
+        "part": part,
+        "command": settings.command,
+        "settings": settings.to_dict(),
+        "machine": machine,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+    }
+
+
+def write_json(settings: Settings, part: str, data: dict) -> Path:
+    """Write bench/results/<part>.json (or into settings.results_dir)."""
+    settings.results_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.results_dir / f"{part}.json"
+    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A number for a Markdown table ('—' when missing)."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != 0 and abs(value) < 10 ** (-digits):
+            return f"{value:.1e}"
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(cell if isinstance(cell, str) else fmt(cell) for cell in row) + " |")
+    return "\n".join(lines)
+
+
+def med(summary: dict, key: str) -> Optional[float]:
+    """The median of `key` in a `summarise_runs` result (None when absent)."""
+    entry = summary.get(key)
+    return entry["median"] if entry else None
