@@ -65,37 +65,41 @@ def top_right_singular_vectors(
     * "randomized": subspace iteration with `oversampling` extra columns and `niter` power iterations, then
       Rayleigh-Ritz; fast, but accurate only when the spectrum has a gap after k (see the tests and benchmarks).
     """
+    return _top_right_singular(matrix, k, method, oversampling=oversampling, niter=niter, seed=seed)[0]
+
+
+def _top_right_singular(
+    matrix: torch.Tensor, k: int, method: str, *, oversampling: int = 16, niter: int = 8, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k right singular vectors as rows, their singular values), both float64."""
     rows, cols = matrix.shape
     if not 0 < k <= min(rows, cols):
         raise ValueError(f"k={k} must be in [1, min{tuple(matrix.shape)}]")
     m = matrix.to(torch.float64)
-    if method == "exact":
-        _, _, vh = torch.linalg.svd(m, full_matrices=False)
-        top = vh[:k]
-    elif method == "gram":
+    if method == "gram":
         gram = m.t() @ m if cols <= rows else m @ m.t()
         values, vectors = torch.linalg.eigh(gram)
-        if _gram_error_bound(values, k) > GRAM_TOLERANCE:
-            # The squared spectrum is too wide (or the gap after k too narrow) for the Gram route to resolve the
-            # subspace: take the exact SVD for this matrix.
-            _, _, vh = torch.linalg.svd(m, full_matrices=False)
-            top = vh[:k]
-        elif cols <= rows:
-            top = vectors[:, -k:].flip(-1).t()
-        else:
-            top = _orthonormal_columns(m.t() @ vectors[:, -k:].flip(-1)).t()
-    elif method == "randomized":
+        if _gram_error_bound(values, k) <= GRAM_TOLERANCE:
+            singular = values[-k:].flip(-1).clamp_min(0).sqrt()
+            if cols <= rows:
+                return _normalise_signs(vectors[:, -k:].flip(-1).t()), singular
+            return _normalise_signs(_orthonormal_columns(m.t() @ vectors[:, -k:].flip(-1)).t()), singular
+        # The squared spectrum is too wide (or the gap after k too narrow) for the Gram route to resolve the
+        # subspace: take the exact SVD for this matrix.
+        method = "exact"
+    if method == "exact":
+        _, singular, vh = torch.linalg.svd(m, full_matrices=False)
+        return _normalise_signs(vh[:k]), singular[:k]
+    if method == "randomized":
         width = min(cols, k + oversampling)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         basis = torch.randn(cols, width, generator=generator, dtype=torch.float64).to(m.device)
         basis = torch.linalg.qr(m.t() @ (m @ basis))[0]
         for _ in range(niter):
             basis = torch.linalg.qr(m.t() @ torch.linalg.qr(m @ basis)[0])[0]
-        _, _, vh = torch.linalg.svd(m @ basis, full_matrices=False)
-        top = (basis @ vh.t())[:, :k].t()
-    else:
-        raise ValueError(f"unknown svd method {method!r}; use 'gram', 'exact' or 'randomized'")
-    return _normalise_signs(top)
+        _, singular, vh = torch.linalg.svd(m @ basis, full_matrices=False)
+        return _normalise_signs((basis @ vh.t())[:, :k].t()), singular[:k]
+    raise ValueError(f"unknown svd method {method!r}; use 'gram', 'exact' or 'randomized'")
 
 
 def compute_lora_A(
@@ -119,30 +123,32 @@ def compute_lora_A(
     missing = [entry.name for entry in adapted if entry.name not in by_name]
     if missing:
         raise ValueError(f"the plan names modules that are not targets of this model: {missing[:5]}")
-    iterator = adapted
-    if show_progress and rank == 0 and len(adapted) > 8:
-        from tqdm.auto import tqdm
+    owned = [entry for index, entry in enumerate(adapted) if index % world_size == rank]
 
-        iterator = tqdm(adapted, desc="TLoRA decompositions", unit="module")
-    lora_A: dict[str, torch.Tensor] = {}
-    deficient = []
-    for index, entry in enumerate(iterator):
+    def decompose(entry) -> tuple[torch.Tensor, bool]:
         target = by_name[entry.name]
-        if index % world_size != rank:
-            lora_A[entry.name] = torch.empty(entry.rank, target.in_features, dtype=torch.float32)
-            continue
         record = statistics.module(entry.name)
         stored = statistics.covariances.get(record.covariance_key, statistics.cross_covariances.get(entry.name))
         device = stored.device if stored is not None else target.module.weight.device
-        weight = target.weight_matrix(torch.float64).to(device)
-        product = statistics.weighted_covariance(entry.name, weight)  # M = W C, float64
-        top = top_right_singular_vectors(product, entry.rank, method, oversampling=oversampling, niter=niter)
-        if entry.rank > 1:
-            singular = torch.linalg.vector_norm(product @ top.t(), dim=0)
-            if singular[-1] <= 1e-10 * singular[0]:
-                deficient.append(entry.name)
-        lora_A[entry.name] = top.to(device="cpu", dtype=torch.float32).contiguous()
-        del product, weight
+        dtype = stored.dtype if stored is not None else torch.float32
+        # M = W C in the statistics' own precision (float32 by default); the decomposition itself runs in float64.
+        product = statistics.weighted_covariance(entry.name, target.weight_matrix(dtype).to(device))
+        top, singular = _top_right_singular(product, entry.rank, method, oversampling=oversampling, niter=niter)
+        deficient = entry.rank > 1 and bool(singular[-1] <= 1e-10 * singular[0])
+        return top.to(device="cpu", dtype=torch.float32).contiguous(), deficient
+
+    progress = None
+    if show_progress and rank == 0 and len(owned) > 8:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(owned), desc="TLoRA decompositions", unit="module")
+    results = {}
+    on_cpu = all(t.device.type == "cpu" for t in (*statistics.covariances.values(), *statistics.cross_covariances.values()))
+    for entry, result in zip(owned, _map_decompositions(decompose, owned, progress, parallel=on_cpu)):
+        results[entry.name] = result
+    if progress is not None:
+        progress.close()
+    deficient = [name for name, (_, flag) in results.items() if flag]
     if deficient:
         logger.warning(
             "W C has fewer significant directions than the allocated rank for %d modules (too few calibration "
@@ -150,10 +156,43 @@ def compute_lora_A(
             len(deficient),
             deficient[:5],
         )
+    lora_A: dict[str, torch.Tensor] = {}
+    for entry in adapted:
+        if entry.name in results:
+            lora_A[entry.name] = results[entry.name][0]
+        else:
+            lora_A[entry.name] = torch.empty(entry.rank, by_name[entry.name].in_features, dtype=torch.float32)
     if world_size > 1:
         for index, entry in enumerate(adapted):
             distributed.broadcast_(lora_A[entry.name], src=index % world_size)
     return lora_A
+
+
+def _map_decompositions(function, entries: list, progress, parallel: bool) -> list:
+    """`function` over `entries`; on the CPU several single-threaded decompositions run side by side, which keeps
+    all cores busy where one LAPACK call on a small matrix cannot."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or len(entries) < 2 or not parallel:
+        results = []
+        for entry in entries:
+            results.append(function(entry))
+            if progress is not None:
+                progress.update(1)
+        return results
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(entry):
+        result = function(entry)
+        if progress is not None:
+            progress.update(1)
+        return result
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(run, entries))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def digest_lora_A(lora_A: dict[str, torch.Tensor]) -> bytes:
