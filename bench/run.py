@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run TLoRA's benchmarks, print their tables and write bench/results/<part>.json and bench/results/SUMMARY.md.
 
-    python bench/run.py                      # parts 1-3: init_cost, memory, train_step (~20 min on 2 idle cores)
+    python bench/run.py                      # parts 1-3: init_cost, memory, train_step (36 min on 2 CPU cores)
     python bench/run.py --quality            # part 4 as well (quality on all-MiniLM-L6-v2; longer)
     python bench/run.py --parts quality      # part 4 only
     python bench/run.py --quick              # small sizes: a smoke run of every selected part in a few minutes

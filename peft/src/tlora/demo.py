@@ -104,7 +104,7 @@ def run(output_dir: Path, steps: int, hidden_size: int, num_layers: int, pretrai
     train_path, held_out_path, held_out_rows = _split_sample_data(output_dir / "data", held_out=8)
 
     print(f"\n[1/3] Calibrating TLoRA on the arithmetic samples and training B for {steps} steps")
-    cutoff_len = 256
+    cutoff_len = 384  # byte tokens: the longest sample (prompt + response + EOS) is 336
     record = main(
         TaskDefaults(name="demo", description=__doc__, defaults={}),
         [

@@ -77,17 +77,21 @@ def _target_modules(arguments: MethodArguments):
     return targets[0] if targets == ["all-linear"] else list(targets)
 
 
+def _lora_fields(context: MethodContext) -> dict[str, Any]:
+    """The LoRA fields every LoRA-family method shares (same r, alpha, dropout, targets and task type)."""
+    arguments = context.arguments
+    return {
+        "r": arguments.lora_r,
+        "lora_alpha": arguments.lora_alpha,
+        "lora_dropout": arguments.lora_dropout,
+        "target_modules": _target_modules(arguments),
+        "task_type": context.task_type,
+    }
+
+
 def lora_config(context: MethodContext, **overrides: Any) -> LoraConfig:
     """The `LoraConfig` every LoRA-family method starts from (same r, alpha, dropout and targets)."""
-    arguments = context.arguments
-    return LoraConfig(
-        r=arguments.lora_r,
-        lora_alpha=arguments.lora_alpha,
-        lora_dropout=arguments.lora_dropout,
-        target_modules=_target_modules(arguments),
-        task_type=context.task_type,
-        **overrides,
-    )
+    return LoraConfig(**_lora_fields(context), **overrides)
 
 
 def _require_calibration(context: MethodContext) -> CalibrationSet:
@@ -353,11 +357,7 @@ def tlora_config(context: MethodContext):
 
     arguments = context.arguments
     return TLoRAConfig(
-        r=arguments.lora_r,
-        lora_alpha=arguments.lora_alpha,
-        lora_dropout=arguments.lora_dropout,
-        target_modules=_target_modules(arguments),
-        task_type=context.task_type,
+        **_lora_fields(context),
         rank_budget=arguments.rank_budget,
         parameter_budget=arguments.parameter_budget,
         min_rank=arguments.min_rank,
