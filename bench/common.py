@@ -179,26 +179,31 @@ def stopwatch(device: str, record: dict, key: str) -> Iterator[None]:
         record[key] = time.perf_counter() - start
 
 
-def peak_rss_mib() -> float:
-    """The peak resident set size of this process since it started or since the last `reset_peak_memory`, in MiB."""
+def _proc_status_mib(field: str) -> Optional[float]:
+    """A memory field of /proc/self/status (e.g. VmHWM, VmRSS) in MiB, or None where there is none (not Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def peak_rss_mib() -> float:
+    """The peak resident set size of this process since it started or since the last `reset_peak_memory`, in MiB."""
+    peak = _proc_status_mib("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 if sys.platform != "darwin" else peak / 2**20
 
 
 def current_rss_mib() -> float:
     """The resident set size of this process now, in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    rss = _proc_status_mib("VmRSS")
+    if rss is not None:
+        return rss
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20

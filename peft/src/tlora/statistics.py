@@ -919,7 +919,13 @@ def _losses_to_differentiate(outputs, inputs, model, mode: str, loss_kind, sampl
     batch_size = inputs["input_ids"].shape[0]
     labelled = _has_labels(inputs["labels"])
     if getattr(outputs, "loss", None) is None:  # run without labels: the verified split gives the losses
-        losses, valid, loss_kind = per_sample_losses(outputs, inputs, model, loss_kind)
+        split = per_sample_losses(outputs, inputs, model, loss_kind)
+        if split is None:
+            raise CalibrationError(
+                f"the per-sample split of the loss ({loss_kind}) verified on an earlier batch does not apply to this "
+                "batch's logits and labels"
+            )
+        losses, valid, loss_kind = split
         return losses.detach(), valid, losses.sum(), loss_kind, False
     batch_loss = outputs.loss.detach().reshape(1).expand(batch_size)
     if mode == "batch" or sample_by_sample:

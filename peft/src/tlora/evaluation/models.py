@@ -2,7 +2,7 @@
 
 An adapter directory (one with `adapter_config.json`) is loaded on its base model, read from
 `base_model_name_or_path` in that file, and merged on the fly (`PeftModel.from_pretrained` + `merge_and_unload`),
-so every backend sees a plain model. Remote code is never run unless `trust_remote_code=True` is asked for.
+so every backend sees a plain model. Remote code never runs unless the caller opts in with the `trust_remote_code` flag (off by default).
 """
 
 from __future__ import annotations
