@@ -297,54 +297,53 @@ class CalibrationHooks:
         if inputs is None:
             return
         target = self.targets[name]
-        dtype = self._gradient_dtype(inputs)
+        weight = _stored_weight(target, self._gradient_dtype(inputs))
+        values = torch.zeros(grad_output.shape[0], dtype=torch.float64, device=grad_output.device)
         if self.sensitivity_mode == "per_sample":
-            values = self._per_sample_sensitivity(target, inputs, grad_output, dtype)
+            self._fill_per_sample_sensitivity(values, target, weight, inputs, grad_output)
         else:
-            values = self._batch_sensitivity(target, inputs, grad_output, dtype)
+            self._fill_batch_sensitivity(values, target, weight, inputs, grad_output)
         # A NaN or Inf in the output gradient (or the saved input) propagates into these values.
         state.gradient_flags.append((name, torch.isfinite(values)))
         state.per_sample_sensitivity[name] = values
 
-    @staticmethod
-    def _stored_weight(target: TargetModule, dtype: torch.dtype) -> torch.Tensor:
-        """W in the module's own storage layout (transposed for Conv1D), in `dtype`."""
-        weight = target.weight_matrix(dtype, copy=False)
-        return weight if target.kind == "linear" else weight.t()
-
-    def _per_sample_sensitivity(
-        self, target: TargetModule, inputs: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """Each sample's sensitivity from its own weight gradient dl_s/dW = delta_s^T X_s, formed and freed in turn."""
-        weight = self._stored_weight(target, dtype)
-        numel = weight.numel()
-        reduce_dtype = torch.promote_types(dtype, torch.float32)
-        values = torch.zeros(grad_output.shape[0], dtype=torch.float64, device=grad_output.device)
+    def _fill_per_sample_sensitivity(
+        self, values: torch.Tensor, target: TargetModule, weight: torch.Tensor, inputs: torch.Tensor,
+        grad_output: torch.Tensor,
+    ) -> None:
+        """values_s = sample s's sensitivity from its own gradient dl_s/dW = delta_s^T X_s, formed and freed in turn."""
         for sample, where in enumerate(self.state.positions):
-            delta = grad_output[sample, where].to(dtype)
+            delta = grad_output[sample, where].to(weight.dtype)
             if delta.shape[0] == 0:
                 continue
-            inputs_s = inputs[sample, where].detach().to(dtype)
+            inputs_s = inputs[sample, where].detach().to(weight.dtype)
             # dl_s/dW for this sample only, in the weight's own layout, consumed at once.
             gradient = delta.t() @ inputs_s if target.kind == "linear" else inputs_s.t() @ delta
-            values[sample] = torch.linalg.vector_norm(gradient.mul_(weight), ord=1, dtype=reduce_dtype) / numel
+            values[sample] = _mean_weighted_l1(gradient, weight)
             del gradient
-        return values
 
-    def _batch_sensitivity(
-        self, target: TargetModule, inputs: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """The batch's sensitivity from the weight gradient of the batch loss, given to every sample."""
-        weight = self._stored_weight(target, dtype)
-        numel = weight.numel()
-        reduce_dtype = torch.promote_types(dtype, torch.float32)
-        values = torch.zeros(grad_output.shape[0], dtype=torch.float64, device=grad_output.device)
+    def _fill_batch_sensitivity(
+        self, values: torch.Tensor, target: TargetModule, weight: torch.Tensor, inputs: torch.Tensor,
+        grad_output: torch.Tensor,
+    ) -> None:
+        """values_s = the batch's sensitivity from the weight gradient of the batch loss, for every sample."""
         flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
         flat_inputs = inputs.detach().reshape(-1, inputs.shape[-1])
         valid = self.state.mask.reshape(-1)
-        delta = flat_grad[valid].to(dtype)
-        rows = flat_inputs[valid].to(dtype)
+        delta = flat_grad[valid].to(weight.dtype)
+        rows = flat_inputs[valid].to(weight.dtype)
         gradient = delta.t() @ rows if target.kind == "linear" else rows.t() @ delta
-        values[:] = torch.linalg.vector_norm(gradient.mul_(weight), ord=1, dtype=reduce_dtype) / numel
+        values[:] = _mean_weighted_l1(gradient, weight)
         del gradient
-        return values
+
+
+def _stored_weight(target: TargetModule, dtype: torch.dtype) -> torch.Tensor:
+    """W in the module's own storage layout (transposed for Conv1D), in `dtype`."""
+    weight = target.weight_matrix(dtype, copy=False)
+    return weight if target.kind == "linear" else weight.t()
+
+
+def _mean_weighted_l1(gradient: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """mean_ij |W_ij G_ij|, overwriting `gradient`; the reduction accumulates in at least float32."""
+    reduce_dtype = torch.promote_types(weight.dtype, torch.float32)
+    return torch.linalg.vector_norm(gradient.mul_(weight), ord=1, dtype=reduce_dtype) / weight.numel()
