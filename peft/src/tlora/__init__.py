@@ -8,7 +8,10 @@ The three steps are also callable on their own: `compute_statistics` -> `plan_fr
 """
 
 from .allocation import BudgetError, ModulePlan, TLoRAPlan, allocate_ranks, allocate_scales, derive_plan
+from .calibration import compute_statistics
+from .calibration_statistics import TLoRAStatistics
 from .config import TLoRAConfig
+from .errors import CalibrationError, NonFiniteCalibrationError, StatisticsMismatchError
 from .initialization import compute_lora_A, projector_distance, top_right_singular_vectors
 from .model import (
     PLAN_FILE_NAME,
@@ -19,14 +22,7 @@ from .model import (
     plan_from_statistics,
 )
 from .plan_report import format_plan_table, save_plan_heatmap, write_plan_reports
-from .statistics import (
-    CalibrationError,
-    NonFiniteCalibrationError,
-    StatisticsMismatchError,
-    TLoRAStatistics,
-    compute_statistics,
-    find_target_modules,
-)
+from .targets import find_target_modules
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,8 @@ import torch
 
 from . import distributed
 from .allocation import TLoRAPlan
-from .statistics import TargetModule, TLoRAStatistics
+from .calibration_statistics import TLoRAStatistics
+from .targets import TargetModule
 
 logger = logging.getLogger(__name__)
 

@@ -21,14 +21,11 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from . import distributed
 from .allocation import ModuleInfo, TLoRAPlan, derive_plan
 from .config import TLoRAConfig
+from .calibration import compute_statistics
+from .calibration_statistics import TLoRAStatistics
+from .errors import CalibrationError, StatisticsMismatchError
 from .initialization import compute_lora_A, digest_lora_A
-from .statistics import (
-    CalibrationError,
-    TLoRAStatistics,
-    StatisticsMismatchError,
-    compute_statistics,
-    find_target_modules,
-)
+from .targets import find_target_modules
 
 logger = logging.getLogger(__name__)
 

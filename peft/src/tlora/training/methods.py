@@ -371,7 +371,7 @@ def base_weights_fingerprint(model: torch.nn.Module, config) -> str:
     """A digest of the target weights of the base model (names, shapes, strided samples of the values)."""
     import hashlib
 
-    from ..statistics import find_target_modules, weight_fingerprint
+    from ..targets import find_target_modules, weight_fingerprint
 
     digest = hashlib.sha256()
     for target in find_target_modules(model, config):

@@ -1,0 +1,176 @@
+"""The result of the calibration pass: per-module covariances (or W C products) and sensitivities, saved to and
+loaded from safetensors, and checked against the model they are applied to."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import StatisticsMismatchError
+from .targets import TargetModule, weight_fingerprint
+
+STATISTICS_FORMAT = "tlora-statistics"
+STATISTICS_VERSION = 1
+
+
+@dataclass
+class ModuleStatistics:
+    """Per-module record of a calibration pass."""
+
+    name: str
+    kind: str
+    out_features: int
+    in_features: int
+    layout: str  # "covariance": C stored under `covariance_key` (shared); "cross": M = W C stored under `name`
+    covariance_key: str
+    sensitivity_sum: float
+    fingerprint: str
+
+
+@dataclass
+class TLoRAStatistics:
+    """Covariances (or W C products) and sensitivities of all target modules, summed over the calibration set."""
+
+    modules: list[ModuleStatistics]
+    covariances: dict[str, torch.Tensor]
+    cross_covariances: dict[str, torch.Tensor]
+    num_samples: int
+    num_tokens: int
+    num_sensitivity_samples: int
+    sensitivity_mode: str = "per_sample"
+    dtype: str = "float32"
+    extra: dict = field(default_factory=dict)
+
+    def module(self, name: str) -> ModuleStatistics:
+        """The record of module `name` (KeyError if absent)."""
+        for record in self.modules:
+            if record.name == name:
+                return record
+        raise KeyError(name)
+
+    @property
+    def module_names(self) -> list[str]:
+        """Names of the modules, in model order."""
+        return [record.name for record in self.modules]
+
+    def sensitivity(self, name: str) -> float:
+        """S_l = (1/N) sum_s g_{l,s}."""
+        return self.module(name).sensitivity_sum / max(1, self.num_sensitivity_samples)
+
+    def sensitivities(self) -> dict[str, float]:
+        """S_l of every module, by name."""
+        return {record.name: self.sensitivity(record.name) for record in self.modules}
+
+    def covariance(self, name: str) -> Optional[torch.Tensor]:
+        """C_l of a covariance-layout module (None for modules that stored W C directly)."""
+        record = self.module(name)
+        return self.covariances[record.covariance_key] if record.layout == "covariance" else None
+
+    def weighted_covariance(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """M_l = W_l C_l (out x in) in the dtype of `weight` (given in out x in orientation)."""
+        record = self.module(name)
+        if record.layout == "cross":
+            return self.cross_covariances[name].to(device=weight.device, dtype=weight.dtype)
+        covariance = self.covariances[record.covariance_key].to(device=weight.device, dtype=weight.dtype)
+        return weight @ covariance
+
+    def to(self, device: torch.device | str) -> "TLoRAStatistics":
+        """The same statistics with every tensor moved to `device`."""
+        moved = copy.copy(self)
+        moved.covariances = {k: v.to(device) for k, v in self.covariances.items()}
+        moved.cross_covariances = {k: v.to(device) for k, v in self.cross_covariances.items()}
+        return moved
+
+    def nbytes(self) -> int:
+        """Bytes held by the statistics tensors."""
+        tensors = itertools.chain(self.covariances.values(), self.cross_covariances.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # ----- safetensors -----
+    def _metadata(self) -> dict:
+        """The JSON description stored beside the tensors."""
+        return {
+            "modules": [asdict(record) for record in self.modules],
+            "num_samples": self.num_samples,
+            "num_tokens": self.num_tokens,
+            "num_sensitivity_samples": self.num_sensitivity_samples,
+            "sensitivity_mode": self.sensitivity_mode,
+            "dtype": self.dtype,
+            "extra": self.extra,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the statistics to a safetensors file (tensors plus a JSON description in the metadata)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"covariance::{k}": v.detach().contiguous().cpu() for k, v in self.covariances.items()}
+        tensors.update({f"cross::{k}": v.detach().contiguous().cpu() for k, v in self.cross_covariances.items()})
+        metadata = {
+            "format": STATISTICS_FORMAT,
+            "version": str(STATISTICS_VERSION),
+            "statistics": json.dumps(self._metadata()),
+        }
+        temporary = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(temporary), metadata=metadata)
+        temporary.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "TLoRAStatistics":
+        """Read statistics written by `save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no statistics file at {path}")
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != STATISTICS_FORMAT:
+                raise StatisticsMismatchError(f"{path} is not a TLoRA statistics file")
+            if int(metadata.get("version", "0")) > STATISTICS_VERSION:
+                raise StatisticsMismatchError(f"{path} was written by a newer tlora (format {metadata['version']})")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        description = json.loads(metadata["statistics"])
+        covariances = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("covariance::")}
+        cross = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("cross::")}
+        return cls(
+            modules=[ModuleStatistics(**record) for record in description["modules"]],
+            covariances=covariances,
+            cross_covariances=cross,
+            num_samples=description["num_samples"],
+            num_tokens=description["num_tokens"],
+            num_sensitivity_samples=description["num_sensitivity_samples"],
+            sensitivity_mode=description["sensitivity_mode"],
+            dtype=description["dtype"],
+            extra=description.get("extra", {}),
+        )
+
+    def check_matches(self, targets: list[TargetModule], check_weights: bool = True) -> None:
+        """Raise `StatisticsMismatchError` unless these statistics were computed for exactly these modules."""
+        expected = [t.name for t in targets]
+        if expected != self.module_names:
+            missing = sorted(set(expected) - set(self.module_names))
+            extra = sorted(set(self.module_names) - set(expected))
+            raise StatisticsMismatchError(
+                "the statistics do not match the model's target modules: "
+                f"missing for {missing[:5]}{'...' if len(missing) > 5 else ''} "
+                f"and present for non-targets {extra[:5]}{'...' if len(extra) > 5 else ''}"
+            )
+        for target in targets:
+            record = self.module(target.name)
+            if (record.out_features, record.in_features) != (target.out_features, target.in_features):
+                raise StatisticsMismatchError(
+                    f"module {target.name} is {target.out_features}x{target.in_features} in the model but "
+                    f"{record.out_features}x{record.in_features} in the statistics"
+                )
+            if check_weights and record.fingerprint != weight_fingerprint(target.module.weight):
+                raise StatisticsMismatchError(
+                    f"the weights of {target.name} differ from those the statistics were computed on "
+                    "(another checkpoint?); recompute the statistics for this model"
+                )
