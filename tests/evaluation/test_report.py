@@ -1,4 +1,4 @@
-"""`python -m tlora.report`: the paper's tables from synthetic run directories."""
+"""`python -m tlora.evaluation.report`: the paper's tables from synthetic run directories."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from tlora import report
+from tlora.evaluation import report
 
 
 def make_run(root, name, method, trainable, evaluations, task="math", in_eval_dir=True):
@@ -156,7 +156,7 @@ def test_partial_commonsense_and_missing_records_are_marked(tmp_path):
 def test_module_runs_as_a_command(runs):
     environment = dict(os.environ)
     process = subprocess.run(
-        [sys.executable, "-m", "tlora.report", "--with_paper", str(runs[3])],
+        [sys.executable, "-m", "tlora.evaluation.report", "--with_paper", str(runs[3])],
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,4 +1,4 @@
-"""The paper's results tables from run directories: `python -m tlora.report RUN_DIR... [--output table.json]`.
+"""The paper's results tables from run directories: `python -m tlora.evaluation.report RUN_DIR... [--output table.json]`.
 
 Each RUN_DIR holds the training record `run_record.json` (method, base model, trainable parameters) and evaluation
 JSON files, in RUN_DIR itself or in RUN_DIR/eval/: any JSON object with a `"task"` and a headline `"accuracy"`
@@ -335,7 +335,7 @@ def build_report(run_dirs: Sequence[str], with_paper: bool = False) -> dict:
 
 @dataclass
 class ReportArguments:
-    """Arguments of `python -m tlora.report`."""
+    """Arguments of `python -m tlora.evaluation.report`."""
 
     run_dirs: list[str] = field(
         default_factory=list,
@@ -350,7 +350,7 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> ReportArguments:
     """Run directories are positional; the rest are HfArgumentParser options."""
     from transformers import HfArgumentParser
 
-    from .evaluation.common import HelpFormatter
+    from .common import HelpFormatter
 
     parser = HfArgumentParser(ReportArguments, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("positional_run_dirs", nargs="*", metavar="RUN_DIR", help="Run directories to tabulate.")
