@@ -3,6 +3,11 @@
     python gen_vllm.py --model output/code-tlora                      # both tasks, backend auto
     python gen_vllm.py --model output/code-tlora --tasks humaneval --backend hf
 
+Generates for EvalPlus's task sets (HumanEval+ 164, MBPP+ 378 tasks; the MBPP+ ids come from EvalPlus's data file:
+MBPP_OVERRIDE_PATH or EvalPlus's cache) and fails if the test data lacks any of them, unless --allow_subset.
+`--protocol paper` (default) decodes as the authors' gen_vllm.py (no stop strings, 1,024 tokens) and applies their
+clean-up; `--protocol robust` stops at the Alpaca stop strings and keeps indentation.
+
 Writes `<model dir>/eval/<task>_predictions.jsonl` (or `./eval_<task>_predictions.jsonl` for a hub id): one row per
 problem with `task_id`, `prompt`, `raw_completion` and the post-processed `completion`; score them with
 `python code/eval_code.py --dataset <task> --predictions FILE`.
@@ -17,8 +22,15 @@ from typing import Optional
 from transformers import HfArgumentParser
 
 from tlora.evaluation import make_backend
-from tlora.evaluation.code import DATASETS, MAX_NEW_TOKENS, generate_code_file, generation_settings
+from tlora.evaluation.code import (
+    DATASETS,
+    MAX_NEW_TOKENS,
+    generate_code_file,
+    generation_settings,
+    tasks_to_generate,
+)
 from tlora.evaluation.common import ModelArguments, configure_logging, default_output_path, predictions_path
+from tlora.evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 
 
 @dataclass
@@ -34,7 +46,7 @@ class CodeGenerationArguments:
         default=None,
         metadata={
             "help": "Sanitized MBPP: a local .json/.jsonl or hub id "
-            "(default: google-research-datasets/mbpp, config sanitized)."
+            "(default: google-research-datasets/mbpp, config sanitized, all four splits)."
         },
     )
     output_dir: Optional[str] = field(
@@ -52,6 +64,18 @@ class CodeGenerationArguments:
         default=None, metadata={"help": "Only the first N problems of each task (smoke tests)."}
     )
     seed: int = field(default=0, metadata={"help": "Random seed (decoding is greedy)."})
+    protocol: str = field(
+        default=DEFAULT_PROTOCOL,
+        metadata={
+            "help": "'paper': no stop strings and the authors' clean-up; 'robust': Alpaca stop strings and this "
+            "project's clean-up.",
+            "choices": list(PROTOCOLS),
+        },
+    )
+    allow_subset: bool = field(
+        default=False,
+        metadata={"help": "Generate for the tasks the data holds even if EvalPlus's task set is not complete."},
+    )
 
 
 def output_file(task: str, model: str, output_dir: Optional[str]) -> str:
@@ -73,6 +97,14 @@ def main() -> None:
     unknown = [task for task in tasks if task not in DATASETS]
     if unknown:
         raise SystemExit(f"Unknown task(s) {unknown}; use {', '.join(DATASETS)}.")
+    data_files = {"humaneval": arguments.humaneval_data_file, "mbpp": arguments.mbpp_data_file}
+    # Check every task set before loading the model, so a missing task fails in seconds.
+    selected = {
+        task: tasks_to_generate(
+            task, data_files[task], limit=arguments.limit, allow_subset=arguments.allow_subset
+        )
+        for task in tasks
+    }
     backend = make_backend(
         model_arguments.model,
         model_arguments.backend,
@@ -80,16 +112,17 @@ def main() -> None:
         trust_remote_code=model_arguments.trust_remote_code,
         **model_arguments.backend_options(),
     )
-    settings = generation_settings(arguments.max_new_tokens, arguments.batch_size, arguments.seed)
-    data_files = {"humaneval": arguments.humaneval_data_file, "mbpp": arguments.mbpp_data_file}
+    settings = generation_settings(
+        arguments.max_new_tokens, arguments.batch_size, arguments.seed, protocol=arguments.protocol
+    )
     for task in tasks:
         generate_code_file(
             task,
             backend,
             output_file(task, model_arguments.model, arguments.output_dir),
-            data_file=data_files[task],
             settings=settings,
-            limit=arguments.limit,
+            protocol=arguments.protocol,
+            tasks=selected[task],
         )
 
 
