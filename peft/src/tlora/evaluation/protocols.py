@@ -42,7 +42,7 @@ ROBUST_STOP_STRINGS = ("### Instruction", "Below is an instruction")
 
 # The size of each full test set as the authors scored it (GSM8K test, all of MATH's test problems, HumanEval+ and
 # MBPP+ v0.2.0 as EvalPlus 0.3.1 loads them).
-FULL_SET_SIZES = {"gsm8k": 1319, "math": 5000, "humaneval": 164, "mbpp": 378}
+FULL_SET_SIZES = {"gsm8k": 1319, "math": 5000, "humaneval": 164, "mbpp": 378, "mt_bench": 80}
 
 
 def check_protocol(protocol: str) -> str:
