@@ -153,11 +153,12 @@ def test_mbpp_hub_default_loads_all_427_sanitized_tasks_not_the_257_of_its_test_
 def test_a_task_of_the_evalplus_set_missing_from_the_data_fails_scoring(shared_data, mbpp_plus, tmp_path):
     plus_rows = [json.loads(line) for line in open(mbpp_plus)]
     extended = tmp_path / "MbppPlus.jsonl"
-    extended.write_text("".join(json.dumps(row) + "\n" for row in plus_rows + [{**plus_rows[0], "task_id": "Mbpp/9999"}]))
+    extended_rows = plus_rows + [{**plus_rows[0], "task_id": "Mbpp/9999"}]
+    extended.write_text("".join(json.dumps(row) + "\n" for row in extended_rows))
     tasks = load_code_tasks("mbpp", str(shared_data / "mbpp" / "sanitized-mbpp.json"))
     reference = next(task for task in tasks if task.task_id == "Mbpp/2").reference
     rows = [{"task_id": "Mbpp/2", "completion": reference}]
-    with pytest.raises(ValueError, match=r"1 of the 2 mbpp tasks of .*MbppPlus.jsonl are not in .* \(first: Mbpp/9999\)"):
+    with pytest.raises(ValueError, match=r"1 of the 2 mbpp tasks of .*MbppPlus.jsonl are not in .*first: Mbpp/9999"):
         score_code_predictions("mbpp", rows, tasks, evalplus_file=str(extended), workers=1, progress=False)
     result = score_code_predictions(
         "mbpp", rows, tasks, evalplus_file=str(extended), allow_subset=True, workers=1, progress=False

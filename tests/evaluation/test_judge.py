@@ -394,7 +394,8 @@ def test_a_changed_answer_is_judged_again_and_only_that_turn(mt_bench, tmp_path)
     expected = stand_in_rating(by_key[(82, 2)]["user_prompt"])
     assert by_key[(82, 2)]["score"] == expected
     others = {key: row["score"] for key, row in by_key.items() if key != (82, 2)}
-    assert others == {(row["question_id"], row["turn"]): row["score"] for row in first["records"] if (row["question_id"], row["turn"]) != (82, 2)}
+    before = {(row["question_id"], row["turn"]): row["score"] for row in first["records"]}
+    assert others == {key: score for key, score in before.items() if key != (82, 2)}
 
     # A new first answer changes what both turns' judges see (turn 2 shows the whole conversation).
     changed[0]["choices"][0]["turns"][0] = "A different first answer."
@@ -418,7 +419,8 @@ def test_judgments_live_beside_the_answers_they_judge(mt_bench, tmp_path, repo_r
     results = {}
     for run in ("run_a", "run_b"):
         answer_file = tmp_path / run / "merged_answers.jsonl"
-        write_answers(str(answer_file), generate_answers(questions, CallableBackend(lambda p, r=run: r), model_id="merged"))
+        answers = generate_answers(questions, CallableBackend(lambda prompt, reply=run: reply), model_id="merged")
+        write_answers(str(answer_file), answers)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

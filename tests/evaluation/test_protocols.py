@@ -185,10 +185,12 @@ def test_the_default_protocol_is_the_papers(repo_root, gsm8k_rows, tmp_path):
 
     path, rows = gsm8k_rows
     predictions = tmp_path / "p.jsonl"
-    predictions.write_text("".join(json.dumps({"id": i, "completion": "The answer is: 18.4"}) + "\n" for i in range(1319)))
+    rows_out = [json.dumps({"id": index, "completion": "The answer is: 18.4"}) + "\n" for index in range(1319)]
+    predictions.write_text("".join(rows_out))
     output = tmp_path / "gsm8k.json"
     process = subprocess.run(
-        [sys.executable, "math/eval_gsm8k.py", "--predictions", str(predictions), "--data_file", str(path), "--output", str(output)],
+        [sys.executable, "math/eval_gsm8k.py", "--predictions", str(predictions), "--data_file", str(path)]
+        + ["--output", str(output)],
         cwd=repo_root,
         capture_output=True,
         text=True,

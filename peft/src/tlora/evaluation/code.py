@@ -587,7 +587,9 @@ def score_code_predictions(
             "subset)."
         )
     if missing:
-        logger.warning("--allow_subset: scoring %d of %d tasks (no prediction for the rest)", len(predicted), len(known))
+        logger.warning(
+            "--allow_subset: scoring %d of %d tasks (no prediction for the rest)", len(predicted), len(known)
+        )
         scored_ids = [task_id for task_id in scored_ids if task_id in predicted]
 
     clean = postprocess_for(protocol) if postprocess else (lambda text: text)

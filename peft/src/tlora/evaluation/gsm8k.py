@@ -170,7 +170,9 @@ def paper_gold_answer(solution: str, where: str = "") -> int:
     try:
         return int(parts[1].replace(",", ""))
     except (IndexError, ValueError) as error:
-        raise DataFormatError(f"{where}: the GSM8K answer has no '#### <integer>' line; is this the GSM8K test set?") from error
+        raise DataFormatError(
+            f"{where}: the GSM8K answer has no '#### <integer>' line; is this the GSM8K test set?"
+        ) from error
 
 
 def paper_judge(completion: str, gold: int) -> tuple[Optional[int], bool]:

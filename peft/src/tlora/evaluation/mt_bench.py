@@ -437,7 +437,8 @@ def run_judgment(
         )
     model_ids = sorted({str(row["model"]) for row in records})
     result: dict[str, Any] = {"task": "mt_bench", **summary}
-    # The paper's protocol is FastChat's single grading with the paper's judge, GPT-4; any other judge gives a number of its own (named by the judge model).
+    # The paper's protocol is FastChat's single grading with the paper's judge, GPT-4; any other judge gives a number
+    # of its own, named by the judge model.
     judge_model = client.settings.model
     result["protocol"] = PAPER if judge_model == DEFAULT_JUDGE_MODEL else f"judge:{judge_model}"
     result["data"] = data_record(question_file, len(questions), "mt_bench", subset=limit is not None)
