@@ -29,8 +29,13 @@ from tlora.evaluation.code import (
     generation_settings,
     tasks_to_generate,
 )
-from tlora.evaluation.common import ModelArguments, configure_logging, default_output_path, predictions_path
-from tlora.evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS
+from tlora.evaluation.common import (
+    ModelArguments,
+    ProtocolArguments,
+    configure_logging,
+    default_output_path,
+    predictions_path,
+)
 
 
 @dataclass
@@ -64,18 +69,6 @@ class CodeGenerationArguments:
         default=None, metadata={"help": "Only the first N problems of each task (smoke tests)."}
     )
     seed: int = field(default=0, metadata={"help": "Random seed (decoding is greedy)."})
-    protocol: str = field(
-        default=DEFAULT_PROTOCOL,
-        metadata={
-            "help": "'paper': no stop strings and the authors' clean-up; 'robust': Alpaca stop strings and this "
-            "project's clean-up.",
-            "choices": list(PROTOCOLS),
-        },
-    )
-    allow_subset: bool = field(
-        default=False,
-        metadata={"help": "Generate for the tasks the data holds even if EvalPlus's task set is not complete."},
-    )
 
 
 def output_file(task: str, model: str, output_dir: Optional[str]) -> str:
@@ -88,8 +81,8 @@ def output_file(task: str, model: str, output_dir: Optional[str]) -> str:
 def main() -> None:
     """Parse the arguments, build one backend and generate for each task."""
     configure_logging()
-    model_arguments, arguments = HfArgumentParser(
-        (ModelArguments, CodeGenerationArguments)
+    model_arguments, arguments, protocol = HfArgumentParser(
+        (ModelArguments, CodeGenerationArguments, ProtocolArguments)
     ).parse_args_into_dataclasses()
     if model_arguments.model is None:
         raise SystemExit("Pass --model PATH (a merged model directory, an adapter directory or a hub id).")
@@ -101,7 +94,7 @@ def main() -> None:
     # Check every task set before loading the model, so a missing task fails in seconds.
     selected = {
         task: tasks_to_generate(
-            task, data_files[task], limit=arguments.limit, allow_subset=arguments.allow_subset
+            task, data_files[task], limit=arguments.limit, allow_subset=protocol.allow_subset
         )
         for task in tasks
     }
@@ -113,7 +106,7 @@ def main() -> None:
         **model_arguments.backend_options(),
     )
     settings = generation_settings(
-        arguments.max_new_tokens, arguments.batch_size, arguments.seed, protocol=arguments.protocol
+        arguments.max_new_tokens, arguments.batch_size, arguments.seed, protocol=protocol.protocol
     )
     for task in tasks:
         generate_code_file(
@@ -121,7 +114,7 @@ def main() -> None:
             backend,
             output_file(task, model_arguments.model, arguments.output_dir),
             settings=settings,
-            protocol=arguments.protocol,
+            protocol=protocol.protocol,
             tasks=selected[task],
         )
 

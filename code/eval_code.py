@@ -24,8 +24,7 @@ from transformers import HfArgumentParser
 
 from tlora.evaluation import make_backend
 from tlora.evaluation.code import MAX_NEW_TOKENS, evaluate_code, generation_settings
-from tlora.evaluation.common import ModelArguments, configure_logging, default_output_path
-from tlora.evaluation.protocols import DEFAULT_PROTOCOL, PROTOCOLS
+from tlora.evaluation.common import ModelArguments, ProtocolArguments, configure_logging, default_output_path
 from tlora.evaluation.sandbox import SandboxLimits
 
 
@@ -65,18 +64,6 @@ class CodeEvaluationArguments:
     postprocess: bool = field(
         default=True, metadata={"help": "Apply the paper's clean-up (code fence, __main__, example usage)."}
     )
-    protocol: str = field(
-        default=DEFAULT_PROTOCOL,
-        metadata={
-            "help": "'paper': the authors' clean-up, no stop strings and EvalPlus base+plus tests (comparable with "
-            "the paper); 'robust': this project's clean-up and stop strings.",
-            "choices": list(PROTOCOLS),
-        },
-    )
-    allow_subset: bool = field(
-        default=False,
-        metadata={"help": "Score only the tasks present in the data and the predictions (recorded as a subset)."},
-    )
     score_references: bool = field(
         default=False, metadata={"help": "Score the reference solutions instead (checks the harness: expect 1.0)."}
     )
@@ -92,8 +79,8 @@ class CodeEvaluationArguments:
 def main() -> None:
     """Parse the arguments, then generate (with --model) or read (--predictions) and score."""
     configure_logging()
-    model_arguments, arguments = HfArgumentParser(
-        (ModelArguments, CodeEvaluationArguments)
+    model_arguments, arguments, protocol = HfArgumentParser(
+        (ModelArguments, CodeEvaluationArguments, ProtocolArguments)
     ).parse_args_into_dataclasses()
     backend = None
     if arguments.predictions is None and not arguments.score_references:
@@ -115,10 +102,10 @@ def main() -> None:
         output=output,
         evalplus_file=arguments.evalplus_file,
         settings=generation_settings(
-            arguments.max_new_tokens, arguments.batch_size, arguments.seed, protocol=arguments.protocol
+            arguments.max_new_tokens, arguments.batch_size, arguments.seed, protocol=protocol.protocol
         ),
-        protocol=arguments.protocol,
-        allow_subset=arguments.allow_subset,
+        protocol=protocol.protocol,
+        allow_subset=protocol.allow_subset,
         limit=arguments.limit,
         postprocess=arguments.postprocess,
         limits=SandboxLimits(timeout_per_test=arguments.timeout_per_test, memory_mb=arguments.memory_mb),

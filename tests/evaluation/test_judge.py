@@ -225,38 +225,25 @@ def answer_text(prompt: str) -> str:
     return f"Reply number {len(prompt) % 97}."
 
 
+def run_judge_script(repo_root, monkeypatch, judge: StandInJudge, mt_bench: dict, answer_file, *extra: str) -> None:
+    """Run chat/judge_mt_bench.py in this process on `answer_file` with the stand-in judge and the shared data."""
+    arguments = ["--predictions", str(answer_file), "--question_file", mt_bench["questions"]]
+    arguments += ["--judge_prompts_file", mt_bench["judge_prompts"], "--reference_answer_file", mt_bench["references"]]
+    arguments += ["--judge_base_url", judge.base_url, "--judge_model", "stand-in-judge"]
+    arguments += ["--judge_api_key_env", "TLORA_TEST_JUDGE_KEY", *extra]
+    monkeypatch.setattr(sys, "argv", ["chat/judge_mt_bench.py", *arguments])
+    runpy.run_path(str(repo_root / "chat" / "judge_mt_bench.py"), run_name="__main__")
+
+
 def test_answers_to_judgment_to_score_end_to_end(mt_bench, tmp_path, repo_root, monkeypatch):
     questions = load_questions(mt_bench["questions"])
     answer_file = tmp_path / "eval" / "mt_bench_answers.jsonl"
     write_answers(str(answer_file), generate_answers(questions, CallableBackend(answer_text), model_id="stand-in"))
     output = tmp_path / "eval" / "mt_bench.json"
     with StandInJudge() as judge:
-        monkeypatch.setattr(
-            sys,
-            "argv",
-            [
-                "chat/judge_mt_bench.py",
-                "--predictions",
-                str(answer_file),
-                "--question_file",
-                mt_bench["questions"],
-                "--judge_prompts_file",
-                mt_bench["judge_prompts"],
-                "--reference_answer_file",
-                mt_bench["references"],
-                "--judge_base_url",
-                judge.base_url,
-                "--judge_model",
-                "stand-in-judge",
-                "--judge_api_key_env",
-                "TLORA_TEST_JUDGE_KEY",
-                "--output",
-                str(output),
-                "--parallel",
-                "4",
-            ],
+        run_judge_script(
+            repo_root, monkeypatch, judge, mt_bench, answer_file, "--output", str(output), "--parallel", "4"
         )
-        runpy.run_path(str(repo_root / "chat" / "judge_mt_bench.py"), run_name="__main__")
     assert len(judge.requests) == 160
 
     # What the score must be: the stand-in's ratings of exactly the prompts FastChat's recipe builds.
@@ -298,30 +285,7 @@ def test_answers_to_judgment_to_score_end_to_end(mt_bench, tmp_path, repo_root, 
 
     # A second run reuses the valid judgments and asks again only for the one without a rating.
     with StandInJudge() as judge:
-        monkeypatch.setattr(
-            sys,
-            "argv",
-            [
-                "chat/judge_mt_bench.py",
-                "--predictions",
-                str(answer_file),
-                "--question_file",
-                mt_bench["questions"],
-                "--judge_prompts_file",
-                mt_bench["judge_prompts"],
-                "--reference_answer_file",
-                mt_bench["references"],
-                "--judge_base_url",
-                judge.base_url,
-                "--judge_model",
-                "stand-in-judge",
-                "--judge_api_key_env",
-                "TLORA_TEST_JUDGE_KEY",
-                "--output",
-                str(output),
-            ],
-        )
-        runpy.run_path(str(repo_root / "chat" / "judge_mt_bench.py"), run_name="__main__")
+        run_judge_script(repo_root, monkeypatch, judge, mt_bench, answer_file, "--output", str(output))
     assert len(judge.requests) == 1
     assert json.loads(output.read_text())["score"] == pytest.approx(result["score"])
 
@@ -426,30 +390,8 @@ def test_judgments_live_beside_the_answers_they_judge(mt_bench, tmp_path, repo_r
     monkeypatch.chdir(elsewhere)
     for run in ("run_a", "run_b"):
         with StandInJudge() as judge:
-            monkeypatch.setattr(
-                sys,
-                "argv",
-                [
-                    "chat/judge_mt_bench.py",
-                    "--predictions",
-                    str(tmp_path / run / "merged_answers.jsonl"),
-                    "--question_file",
-                    mt_bench["questions"],
-                    "--judge_prompts_file",
-                    mt_bench["judge_prompts"],
-                    "--reference_answer_file",
-                    mt_bench["references"],
-                    "--judge_base_url",
-                    judge.base_url,
-                    "--judge_model",
-                    "stand-in-judge",
-                    "--judge_api_key_env",
-                    "TLORA_TEST_JUDGE_KEY",
-                    "--limit",
-                    "2",
-                ],
-            )
-            runpy.run_path(str(repo_root / "chat" / "judge_mt_bench.py"), run_name="__main__")
+            answer_file = tmp_path / run / "merged_answers.jsonl"
+            run_judge_script(repo_root, monkeypatch, judge, mt_bench, answer_file, "--limit", "2")
         results[run] = len(judge.requests)
     assert results == {"run_a": 4, "run_b": 4}  # the second run does not reuse the first run's judgments
     assert list(elsewhere.iterdir()) == []

@@ -17,7 +17,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from .protocols import DEFAULT_PROTOCOL, PAPER, PROTOCOLS, check_full_set, check_protocol, data_record
+from .protocols import (
+    DEFAULT_PROTOCOL,
+    PAPER,
+    PAPER_STOP_STRINGS,
+    PROTOCOLS,
+    ROBUST,
+    ROBUST_STOP_STRINGS,
+    check_full_set,
+    check_protocol,
+    data_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +232,28 @@ class ModelArguments:
 
 
 @dataclass
-class EvaluationArguments:
+class ProtocolArguments:
+    """Which evaluation protocol, and whether a partial test set is accepted."""
+
+    protocol: str = field(
+        default=DEFAULT_PROTOCOL,
+        metadata={
+            "help": "'paper': the authors' scripts (prompt, stop strings, token limit, full test set, answer reading, "
+            "code clean-up), comparable with the paper's table; 'robust': this project's reading (not comparable).",
+            "choices": list(PROTOCOLS),
+        },
+    )
+    allow_subset: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept data or predictions that do not cover the full test set (GSM8K 1,319, MATH 5,000, "
+            "HumanEval+ 164, MBPP+ 378 tasks); the result records a subset, never compared with the paper."
+        },
+    )
+
+
+@dataclass
+class EvaluationArguments(ProtocolArguments):
     """What to evaluate and where to write the results."""
 
     data_file: Optional[str] = field(
@@ -254,21 +285,6 @@ class EvaluationArguments:
         default=None, metadata={"help": "Evaluate only the first N rows (for smoke tests; the result says so)."}
     )
     seed: int = field(default=0, metadata={"help": "Random seed (decoding is greedy, so it rarely matters)."})
-    protocol: str = field(
-        default=DEFAULT_PROTOCOL,
-        metadata={
-            "help": "'paper': the authors' scripts exactly (prompt, stop strings, token limit, full test set, answer "
-            "reading), comparable with the paper's table; 'robust': this project's answer reading (not comparable).",
-            "choices": list(PROTOCOLS),
-        },
-    )
-    allow_subset: bool = field(
-        default=False,
-        metadata={
-            "help": "Under --protocol paper, accept a data file that is not the full test set (recorded as a subset; "
-            "the report does not compare it with the paper)."
-        },
-    )
 
 
 RUN_RECORD_NAME = "run_record.json"
@@ -444,15 +460,34 @@ class TaskSpec:
     judge: Callable[[str, EvaluationItem], tuple[Any, bool]]  # completion, item -> (extracted answer, correct)
 
 
-def generation_settings(task_max_new_tokens: int, evaluation_arguments: EvaluationArguments, stop=None):
+Judge = Callable[[str, EvaluationItem], tuple[Any, bool]]
+
+
+def protocol_tasks(
+    *,
+    paper: tuple[Callable[[int, dict], EvaluationItem], Judge],
+    robust: tuple[Callable[[int, dict], EvaluationItem], Judge],
+    **shared: Any,
+) -> dict[str, TaskSpec]:
+    """A task's TaskSpec under each protocol: (build_item, judge) per protocol, the protocol's stop strings, and the
+    fields both share (name, data, field names, token limit)."""
+    return {
+        PAPER: TaskSpec(protocol=PAPER, stop=PAPER_STOP_STRINGS, build_item=paper[0], judge=paper[1], **shared),
+        ROBUST: TaskSpec(protocol=ROBUST, stop=ROBUST_STOP_STRINGS, build_item=robust[0], judge=robust[1], **shared),
+    }
+
+
+def generation_settings(
+    task_max_new_tokens: int, evaluation_arguments: EvaluationArguments, stop: Optional[Sequence[str]] = None
+):
     """Greedy settings with the task's token limit (or --max_new_tokens) and stop strings (default: the robust ones)."""
-    from .generation import DEFAULT_STOP_STRINGS, GenerationSettings
+    from .generation import GenerationSettings
 
     return GenerationSettings(
         max_new_tokens=evaluation_arguments.max_new_tokens or task_max_new_tokens,
         temperature=0.0,
         top_p=1.0,
-        stop=list(DEFAULT_STOP_STRINGS if stop is None else stop),
+        stop=list(ROBUST_STOP_STRINGS if stop is None else stop),
         batch_size=evaluation_arguments.batch_size,
         seed=evaluation_arguments.seed,
     )
@@ -586,11 +621,13 @@ __all__ = [
     "load_task_rows",
     "main_for_task",
     "parse_arguments",
+    "protocol_tasks",
     "run_task",
     "summary_line",
     "EvaluationArguments",
     "EvaluationItem",
     "ModelArguments",
+    "ProtocolArguments",
     "accuracy",
     "build_result",
     "collect_completions",

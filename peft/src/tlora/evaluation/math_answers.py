@@ -24,8 +24,8 @@ from typing import Optional
 
 from ..prompts import format_prompt
 from . import math_paper
-from .common import DataFormatError, EvaluationItem, TaskSpec
-from .protocols import PAPER, PAPER_STOP_STRINGS, ROBUST, ROBUST_STOP_STRINGS
+from .common import DataFormatError, EvaluationItem, protocol_tasks
+from .protocols import ROBUST
 
 logger = logging.getLogger(__name__)
 
@@ -189,29 +189,15 @@ def build_paper_item(index: int, row: dict) -> EvaluationItem:
     return EvaluationItem(id=index, prompt=format_prompt(problem) + " ", gold=math_paper.gold_answer(solution))
 
 
-_SHARED = dict(
+TASKS = protocol_tasks(
+    paper=(build_paper_item, lambda completion, item: math_paper.judge(completion, item.gold)),
+    robust=(build_item, lambda completion, item: judge(completion, item.gold)),
     name="math",
     default_data_file=HUB_ID,
     hub_config=HUB_CONFIG,
     field_names=FIELD_NAMES,
     max_new_tokens=MAX_NEW_TOKENS,
 )
-TASKS = {
-    PAPER: TaskSpec(
-        protocol=PAPER,
-        stop=PAPER_STOP_STRINGS,
-        build_item=build_paper_item,
-        judge=lambda completion, item: math_paper.judge(completion, item.gold),
-        **_SHARED,
-    ),
-    ROBUST: TaskSpec(
-        protocol=ROBUST,
-        stop=ROBUST_STOP_STRINGS,
-        build_item=build_item,
-        judge=lambda completion, item: judge(completion, item.gold),
-        **_SHARED,
-    ),
-}
 TASK = TASKS[ROBUST]
 
 __all__ = [

@@ -260,6 +260,17 @@ def _group_runs(runs: Sequence[RunResults], tasks: set[str]) -> list[dict]:
     return list(rows.values())
 
 
+def _row_identity(row: dict) -> dict:
+    """The JSON fields that name a row: method, base model, trainable parameters, runs."""
+    return {
+        "method": row["method"],
+        "base_model": row["base_model"],
+        "trainable_parameters": row["trainable_parameters"],
+        "trainable_parameters_text": _parameters_cell(row["trainable_parameters"]),
+        "runs": row["runs"],
+    }
+
+
 def _parameters_cell(counts: list[int]) -> str:
     """The parameter cell of a row (several values when the merged runs differ, e.g. per-task TLoRA plans)."""
     return " / ".join(format_parameters(count) for count in counts) if counts else MISSING
@@ -325,11 +336,7 @@ def main_table(runs: Sequence[RunResults], with_paper: bool = False) -> tuple[st
         )
         data.append(
             {
-                "method": row["method"],
-                "base_model": row["base_model"],
-                "trainable_parameters": row["trainable_parameters"],
-                "trainable_parameters_text": _parameters_cell(row["trainable_parameters"]),
-                "runs": row["runs"],
+                **_row_identity(row),
                 "results": {task: _entry_json(entry) for task, entry in row["results"].items()},
                 "source": "ours",
             }
@@ -400,11 +407,7 @@ def commonsense_table(runs: Sequence[RunResults]) -> tuple[str, list[dict]]:
         )
         data.append(
             {
-                "method": row["method"],
-                "base_model": row["base_model"],
-                "trainable_parameters": row["trainable_parameters"],
-                "trainable_parameters_text": _parameters_cell(row["trainable_parameters"]),
-                "runs": row["runs"],
+                **_row_identity(row),
                 "tasks": per_task,
                 "average": entry.value,
                 "complete": complete,
