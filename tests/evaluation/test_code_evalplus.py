@@ -230,3 +230,8 @@ def test_paper_protocol_needs_evalplus_data(shared_data, monkeypatch):
     tasks = load_code_tasks("humaneval", str(shared_data / "humaneval" / "HumanEval.jsonl.gz"))
     with pytest.raises(FileNotFoundError, match="--protocol paper scores humaneval with EvalPlus"):
         score_code_predictions("humaneval", [], tasks, protocol="paper", progress=False)
+
+
+def test_generation_covers_exactly_the_evalplus_task_set(shared_data, mbpp_plus):
+    selected = code.tasks_to_generate("mbpp", str(shared_data / "mbpp" / "sanitized-mbpp.json"), evalplus_file=mbpp_plus)
+    assert [task.task_id for task in selected] == ["Mbpp/2"]  # of the 427 sanitized tasks, only the EvalPlus set
