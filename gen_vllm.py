@@ -3,6 +3,11 @@
     python gen_vllm.py --model output/code-tlora                      # both tasks, backend auto
     python gen_vllm.py --model output/code-tlora --tasks humaneval --backend hf
 
+Generates for EvalPlus's task sets (HumanEval+ 164, MBPP+ 378 tasks; the MBPP+ ids come from EvalPlus's data file:
+MBPP_OVERRIDE_PATH or EvalPlus's cache) and fails if the test data lacks any of them, unless --allow_subset.
+`--protocol paper` (default) decodes as the authors' gen_vllm.py (no stop strings, 1,024 tokens) and applies their
+clean-up; `--protocol robust` stops at the Alpaca stop strings and keeps indentation.
+
 Writes `<model dir>/eval/<task>_predictions.jsonl` (or `./eval_<task>_predictions.jsonl` for a hub id): one row per
 problem with `task_id`, `prompt`, `raw_completion` and the post-processed `completion`; score them with
 `python code/eval_code.py --dataset <task> --predictions FILE`.
@@ -17,8 +22,20 @@ from typing import Optional
 from transformers import HfArgumentParser
 
 from tlora.evaluation import make_backend
-from tlora.evaluation.code import DATASETS, MAX_NEW_TOKENS, generate_code_file, generation_settings
-from tlora.evaluation.common import ModelArguments, configure_logging, default_output_path, predictions_path
+from tlora.evaluation.code import (
+    DATASETS,
+    MAX_NEW_TOKENS,
+    generate_code_file,
+    generation_settings,
+    tasks_to_generate,
+)
+from tlora.evaluation.common import (
+    ModelArguments,
+    ProtocolArguments,
+    configure_logging,
+    default_output_path,
+    predictions_path,
+)
 
 
 @dataclass
@@ -34,7 +51,7 @@ class CodeGenerationArguments:
         default=None,
         metadata={
             "help": "Sanitized MBPP: a local .json/.jsonl or hub id "
-            "(default: google-research-datasets/mbpp, config sanitized)."
+            "(default: google-research-datasets/mbpp, config sanitized, all four splits)."
         },
     )
     output_dir: Optional[str] = field(
@@ -64,8 +81,8 @@ def output_file(task: str, model: str, output_dir: Optional[str]) -> str:
 def main() -> None:
     """Parse the arguments, build one backend and generate for each task."""
     configure_logging()
-    model_arguments, arguments = HfArgumentParser(
-        (ModelArguments, CodeGenerationArguments)
+    model_arguments, arguments, protocol = HfArgumentParser(
+        (ModelArguments, CodeGenerationArguments, ProtocolArguments)
     ).parse_args_into_dataclasses()
     if model_arguments.model is None:
         raise SystemExit("Pass --model PATH (a merged model directory, an adapter directory or a hub id).")
@@ -73,6 +90,14 @@ def main() -> None:
     unknown = [task for task in tasks if task not in DATASETS]
     if unknown:
         raise SystemExit(f"Unknown task(s) {unknown}; use {', '.join(DATASETS)}.")
+    data_files = {"humaneval": arguments.humaneval_data_file, "mbpp": arguments.mbpp_data_file}
+    # Check every task set before loading the model, so a missing task fails in seconds.
+    selected = {
+        task: tasks_to_generate(
+            task, data_files[task], limit=arguments.limit, allow_subset=protocol.allow_subset
+        )
+        for task in tasks
+    }
     backend = make_backend(
         model_arguments.model,
         model_arguments.backend,
@@ -80,16 +105,17 @@ def main() -> None:
         trust_remote_code=model_arguments.trust_remote_code,
         **model_arguments.backend_options(),
     )
-    settings = generation_settings(arguments.max_new_tokens, arguments.batch_size, arguments.seed)
-    data_files = {"humaneval": arguments.humaneval_data_file, "mbpp": arguments.mbpp_data_file}
+    settings = generation_settings(
+        arguments.max_new_tokens, arguments.batch_size, arguments.seed, protocol=protocol.protocol
+    )
     for task in tasks:
         generate_code_file(
             task,
             backend,
             output_file(task, model_arguments.model, arguments.output_dir),
-            data_file=data_files[task],
             settings=settings,
-            limit=arguments.limit,
+            protocol=protocol.protocol,
+            tasks=selected[task],
         )
 
 

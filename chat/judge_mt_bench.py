@@ -4,8 +4,10 @@
     python chat/judge_mt_bench.py --model output/chat-tlora --judge_base_url http://127.0.0.1:8000/v1 \
         --judge_model my-judge --judge_api_key_env MY_JUDGE_KEY
 
-No model is loaded. Writes the judgments in FastChat's single-judgment format and the result JSON (`score` is the
-mean rating over both turns).
+No model is loaded. Writes the judgments in FastChat's single-judgment format beside the answers they judge
+(`X_answers.jsonl` -> `X_judgments.jsonl`) and the result JSON (`score` is the mean rating over both turns). A
+stored judgment is reused only if the judge would see exactly the same thing (question, answers, reference, judge
+prompt and judge model, by digest), so a changed answer is judged again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tlora.evaluation.mt_bench import (
     DEFAULT_QUESTION_FILE,
     DEFAULT_REFERENCE_ANSWER_FILE,
     default_files,
+    files_beside_answers,
     run_judgment,
 )
 
@@ -51,11 +54,15 @@ class JudgmentArguments:
         default=DEFAULT_API_KEY_ENV, metadata={"help": "Environment variable that holds the judge's API key."}
     )
     judgment_file: Optional[str] = field(
-        default=None, metadata={"help": "Judgments, appended (default: beside the output, *_judgments.jsonl)."}
+        default=None,
+        metadata={"help": "Judgments, appended (default: beside the answers, X_answers.jsonl -> X_judgments.jsonl)."},
     )
     output: Optional[str] = field(
         default=None,
-        metadata={"help": "Result JSON (default: <model dir>/eval/mt_bench.json, else ./eval_mt_bench.json)."},
+        metadata={
+            "help": "Result JSON (default: <model dir>/eval/mt_bench.json with --model, else beside the answers: "
+            "X_answers.jsonl -> X.json)."
+        },
     )
     parallel: int = field(default=4, metadata={"help": "Judge calls in flight at once."})
     max_retries: int = field(default=8, metadata={"help": "Retries of a failing judge call (exponential backoff)."})
@@ -72,11 +79,9 @@ def main() -> None:
         raise SystemExit(
             f"No answer file at {answer_file}; run chat/gen_mt_bench_answers.py first or pass --predictions FILE."
         )
-    output = arguments.output or defaults["output"]
-    judgment_file = (
-        arguments.judgment_file
-        or (output[: -len(".json")] if output.endswith(".json") else output) + "_judgments.jsonl"
-    )
+    beside = files_beside_answers(answer_file)
+    output = arguments.output or (defaults["output"] if arguments.model else beside["output"])
+    judgment_file = arguments.judgment_file or beside["judgments"]
     client = JudgeClient(
         JudgeSettings(
             model=arguments.judge_model,

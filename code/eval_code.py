@@ -1,4 +1,9 @@
-"""Score HumanEval / MBPP completions with pass@1 (EvalPlus when its data is present, else the original tests).
+"""Score HumanEval / MBPP completions with pass@1 over EvalPlus's task sets (164 / 378 tasks).
+
+`--protocol paper` (default) is the authors' recipe: their clean-up of the completion, EvalPlus's base and plus
+tests (needs EvalPlus's data file: HUMANEVAL_OVERRIDE_PATH / MBPP_OVERRIDE_PATH, --evalplus_file, or EvalPlus's own
+cache). `--protocol robust` uses this project's clean-up, and the original tests when no EvalPlus file is at hand.
+A task missing from the data or the predictions is an error unless --allow_subset (recorded in the result).
 
     python code/eval_code.py --dataset humaneval --predictions output/code-tlora/eval/humaneval_predictions.jsonl
     python code/eval_code.py --dataset mbpp --model output/code-tlora          # generate, then score
@@ -19,7 +24,7 @@ from transformers import HfArgumentParser
 
 from tlora.evaluation import make_backend
 from tlora.evaluation.code import MAX_NEW_TOKENS, evaluate_code, generation_settings
-from tlora.evaluation.common import ModelArguments, configure_logging, default_output_path
+from tlora.evaluation.common import ModelArguments, ProtocolArguments, configure_logging, default_output_path
 from tlora.evaluation.sandbox import SandboxLimits
 
 
@@ -32,7 +37,7 @@ class CodeEvaluationArguments:
         default=None,
         metadata={
             "help": "The test set: a local file or hub id (default: openai/openai_humaneval; "
-            "google-research-datasets/mbpp, sanitized)."
+            "google-research-datasets/mbpp, sanitized, all four splits)."
         },
     )
     predictions: Optional[str] = field(
@@ -74,8 +79,8 @@ class CodeEvaluationArguments:
 def main() -> None:
     """Parse the arguments, then generate (with --model) or read (--predictions) and score."""
     configure_logging()
-    model_arguments, arguments = HfArgumentParser(
-        (ModelArguments, CodeEvaluationArguments)
+    model_arguments, arguments, protocol = HfArgumentParser(
+        (ModelArguments, CodeEvaluationArguments, ProtocolArguments)
     ).parse_args_into_dataclasses()
     backend = None
     if arguments.predictions is None and not arguments.score_references:
@@ -96,7 +101,11 @@ def main() -> None:
         data_file=arguments.data_file,
         output=output,
         evalplus_file=arguments.evalplus_file,
-        settings=generation_settings(arguments.max_new_tokens, arguments.batch_size, arguments.seed),
+        settings=generation_settings(
+            arguments.max_new_tokens, arguments.batch_size, arguments.seed, protocol=protocol.protocol
+        ),
+        protocol=protocol.protocol,
+        allow_subset=protocol.allow_subset,
         limit=arguments.limit,
         postprocess=arguments.postprocess,
         limits=SandboxLimits(timeout_per_test=arguments.timeout_per_test, memory_mb=arguments.memory_mb),
@@ -105,9 +114,10 @@ def main() -> None:
         extra={"model": model_arguments.model},
     )
     plus = "" if result["pass@1_plus"] is None else f", {arguments.dataset}+ pass@1 {result['pass@1_plus']:.4f}"
+    subset = ", subset" if result["data"]["subset"] else ""
     print(
-        f"{arguments.dataset} pass@1 {result['pass@1']:.4f}{plus} ({result['num_items']} tasks) "
-        f"-> {os.path.abspath(output)}"
+        f"{arguments.dataset} pass@1 {result['pass@1']:.4f}{plus} ({result['num_items']} tasks{subset}; protocol "
+        f"{result['protocol']}, tests {result['tests']}) -> {os.path.abspath(output)}"
     )
 
 

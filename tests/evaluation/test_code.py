@@ -108,7 +108,11 @@ def test_solutions_follow_evalplus_conventions():
 def test_a_full_function_after_the_humaneval_prompt_still_scores():
     completion = "```python\ndef add(a, b):\n    return a + b\n```"
     result = score_code_predictions(
-        "humaneval", [{"task_id": "HumanEval/900", "completion": completion}], [ADD_TASK], progress=False
+        "humaneval",
+        [{"task_id": "HumanEval/900", "completion": completion}],
+        [ADD_TASK],
+        allow_subset=True,
+        progress=False,
     )
     assert result["pass@1"] == 1.0 and result["records"][0]["passed"]
 
@@ -120,17 +124,24 @@ def test_predictions_file_errors_name_the_line(tmp_path):
         read_code_predictions(str(path), "humaneval")
 
 
-def test_unknown_task_ids_are_rejected_and_missing_ones_count_as_failed():
+def test_unknown_task_ids_are_rejected_and_missing_ones_need_allow_subset(shared_data):
     with pytest.raises(ValueError, match="not in the test set"):
-        score_code_predictions("humaneval", [{"task_id": "HumanEval/1", "completion": ""}], [ADD_TASK], progress=False)
-    result = score_code_predictions("humaneval", [], [ADD_TASK], progress=False)
-    assert result["pass@1"] == 0.0 and result["num_missing"] == 1
-    assert result["records"][0]["error"] == "no prediction"
+        score_code_predictions(
+            "humaneval", [{"task_id": "HumanEval/1", "completion": ""}], [ADD_TASK], allow_subset=True, progress=False
+        )
+    data_file = str(shared_data / "humaneval" / "HumanEval.jsonl.gz")
+    tasks = load_code_tasks("humaneval", data_file)
+    rows = [{"task_id": "HumanEval/0", "completion": tasks[0].reference[len(tasks[0].text) :]}]
+    with pytest.raises(ValueError, match=r"163 of the 164 humaneval tasks have no prediction \(first: HumanEval/1\)"):
+        score_code_predictions("humaneval", rows, tasks, data_file=data_file, progress=False)
+    result = score_code_predictions("humaneval", rows, tasks, data_file=data_file, allow_subset=True, progress=False)
+    assert result["pass@1"] == 1.0 and result["num_items"] == 1
+    assert result["data"] == {"source": data_file, "num_items": 1, "expected_items": 164, "subset": True}
 
 
 def test_several_samples_per_task_give_the_mean_pass_rate():
     rows = [{"task_id": "HumanEval/900", "completion": body} for body in ("    return a + b\n", "    return a - b\n")]
-    result = score_code_predictions("humaneval", rows, [ADD_TASK], progress=False)
+    result = score_code_predictions("humaneval", rows, [ADD_TASK], allow_subset=True, progress=False)
     assert result["pass@1"] == 0.5 and result["pass@1_plus"] is None and result["num_items"] == 1
 
 
@@ -212,12 +223,16 @@ def test_eval_code_scores_a_predictions_file_without_a_model(tmp_path, shared_da
             str(output),
             "--limit",
             "4",
+            "--protocol",
+            "robust",
         ],
         monkeypatch,
     )
     result = json.loads(output.read_text())
     assert result["pass@1"] == 0.75 and result["predictions_file"] == str(predictions)
-    assert "mbpp pass@1 0.7500" in capsys.readouterr().out
+    assert result["protocol"] == "robust" and result["tests"] == "original asserts"
+    assert result["data"] == {"source": str(data_file), "num_items": 4, "expected_items": 378, "subset": True}
+    assert "mbpp pass@1 0.7500 (4 tasks, subset; protocol robust, tests original asserts)" in capsys.readouterr().out
 
 
 def test_gen_vllm_writes_generations_for_both_tasks_with_the_hf_backend(

@@ -8,7 +8,8 @@ import gzip
 import json
 
 import pytest
-from tlora.evaluation.code import load_code_tasks, score_code_predictions
+from tlora.evaluation import code
+from tlora.evaluation.code import load_code_tasks, paper_postprocess_completion, score_code_predictions
 
 pytest.importorskip("evalplus")
 
@@ -86,7 +87,8 @@ def test_humaneval_plus_scores_base_and_plus_through_evalplus(shared_data, human
         {"task_id": "HumanEval/2", "completion": "    return number % 1.0\n"},
     ]
     result = score_code_predictions("humaneval", rows, tasks, workers=1, progress=False)
-    assert result["tests"] == "evalplus" and result["evalplus_file"] == humaneval_plus
+    assert result["task_set"] == humaneval_plus  # the stand-in's two tasks are the task set
+    assert result["tests"] == "evalplus base+plus" and result["evalplus_file"] == humaneval_plus
     assert result["num_items"] == 2 and result["pass@1"] == 1.0 and result["pass@1_plus"] == 1.0
 
 
@@ -129,3 +131,107 @@ def test_a_missing_evalplus_file_says_what_to_do(shared_data, monkeypatch):
             load_code_tasks("mbpp", str(shared_data / "mbpp" / "sanitized-mbpp.json"), limit=1),
             progress=False,
         )
+
+
+# ------------------------------------------------------------------------------------------------ task sets (issue 11)
+
+
+def test_mbpp_hub_default_loads_all_427_sanitized_tasks_not_the_257_of_its_test_split(shared_data, monkeypatch):
+    rows = json.loads((shared_data / "mbpp" / "sanitized-mbpp.json").read_text())
+    calls = []
+
+    def fake_load_rows(source, *, hub_config=None, hub_split="test"):
+        calls.append((source, hub_config, hub_split))
+        return rows  # what the hub returns for the four splits together
+
+    monkeypatch.setattr(code, "load_rows", fake_load_rows)
+    tasks = load_code_tasks("mbpp")
+    assert calls == [("google-research-datasets/mbpp", "sanitized", "prompt+train+validation+test")]
+    assert len(tasks) == 427
+
+
+def test_a_task_of_the_evalplus_set_missing_from_the_data_fails_scoring(shared_data, mbpp_plus, tmp_path):
+    plus_rows = [json.loads(line) for line in open(mbpp_plus)]
+    extended = tmp_path / "MbppPlus.jsonl"
+    extended_rows = plus_rows + [{**plus_rows[0], "task_id": "Mbpp/9999"}]
+    extended.write_text("".join(json.dumps(row) + "\n" for row in extended_rows))
+    tasks = load_code_tasks("mbpp", str(shared_data / "mbpp" / "sanitized-mbpp.json"))
+    reference = next(task for task in tasks if task.task_id == "Mbpp/2").reference
+    rows = [{"task_id": "Mbpp/2", "completion": reference}]
+    with pytest.raises(ValueError, match=r"1 of the 2 mbpp tasks of .*MbppPlus.jsonl are not in .*first: Mbpp/9999"):
+        score_code_predictions("mbpp", rows, tasks, evalplus_file=str(extended), workers=1, progress=False)
+    result = score_code_predictions(
+        "mbpp", rows, tasks, evalplus_file=str(extended), allow_subset=True, workers=1, progress=False
+    )
+    assert result["num_items"] == 1 and result["pass@1"] == 1.0
+    assert result["data"]["subset"] is True and result["data"]["expected_items"] == 378
+
+
+def test_without_the_mbpp_plus_file_the_task_set_is_unknown_and_says_what_to_do(shared_data, monkeypatch):
+    monkeypatch.delenv("MBPP_OVERRIDE_PATH", raising=False)
+    monkeypatch.setattr(code, "evalplus_cache_file", lambda dataset: "/nonexistent/MbppPlus-v0.2.0.jsonl")
+    tasks = load_code_tasks("mbpp", str(shared_data / "mbpp" / "sanitized-mbpp.json"))
+    with pytest.raises(FileNotFoundError, match=r"MBPP\+ task set \(378 tasks\).*MBPP_OVERRIDE_PATH.*--allow_subset"):
+        code.tasks_to_generate("mbpp", str(shared_data / "mbpp" / "sanitized-mbpp.json"))
+    with pytest.raises(FileNotFoundError, match="--allow_subset"):
+        score_code_predictions("mbpp", [], tasks, progress=False)
+
+
+def test_gen_vllm_refuses_an_incomplete_task_set_before_loading_the_model(shared_data, mbpp_plus, tmp_path, repo_root):
+    import subprocess
+    import sys
+
+    partial = tmp_path / "mbpp_partial.json"
+    rows = json.loads((shared_data / "mbpp" / "sanitized-mbpp.json").read_text())
+    partial.write_text(json.dumps([row for row in rows if row["task_id"] != 2]))
+    process = subprocess.run(
+        [sys.executable, "gen_vllm.py", "--model", str(tmp_path / "no_model"), "--tasks", "mbpp",
+         "--mbpp_data_file", str(partial)],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "MBPP_OVERRIDE_PATH": mbpp_plus},
+    )
+    assert process.returncode != 0
+    assert "1 of the 1 mbpp tasks of" in process.stderr and "(first: Mbpp/2)" in process.stderr
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Sure!\n```python\ndef f(x):\n    return x\n```\nDone.", "def f(x):\n    return x"),
+        ("```python\n    return a + b\n```", "return a + b"),  # the authors strip the block (indentation lost)
+        ("def f(x):\n    assert x > 0\n    return x\n", "def f(x):"),  # cut at the first `assert` anywhere
+        ('def f():\n    return 1\n\nif __name__ == "__main__":\n    print(f())', "def f():\n    return 1"),
+        ("def f():\n    return 1\n# Example usage\nprint(f())", "def f():\n    return 1"),
+        ("def f():\r\n    return 1\r\n", "def f():\n    return 1\n"),  # no fence: only `\r` removed
+    ],
+)
+def test_paper_postprocessing_is_the_authors_code_process(raw, expected):
+    assert paper_postprocess_completion(raw) == expected
+
+
+def test_paper_protocol_scores_prompt_plus_completion_with_evalplus(shared_data, mbpp_plus):
+    tasks = load_code_tasks("mbpp", str(shared_data / "mbpp" / "sanitized-mbpp.json"))
+    reference = next(task for task in tasks if task.task_id == "Mbpp/2").reference
+    rows = [{"task_id": "Mbpp/2", "completion": f"```python\n{reference}\n```\nassert similar_elements((1,), (1,))"}]
+    result = score_code_predictions(
+        "mbpp", rows, tasks, evalplus_file=mbpp_plus, protocol="paper", workers=1, progress=False
+    )
+    record = result["records"][0]
+    assert record["solution"].startswith('"""\n') and record["solution"].endswith(reference.strip())
+    assert result["pass@1"] == 1.0 and result["protocol"] == "paper" and result["tests"] == "evalplus base+plus"
+
+
+def test_paper_protocol_needs_evalplus_data(shared_data, monkeypatch):
+    monkeypatch.delenv("HUMANEVAL_OVERRIDE_PATH", raising=False)
+    monkeypatch.setattr(code, "evalplus_cache_file", lambda dataset: "/nonexistent/HumanEvalPlus.jsonl")
+    tasks = load_code_tasks("humaneval", str(shared_data / "humaneval" / "HumanEval.jsonl.gz"))
+    with pytest.raises(FileNotFoundError, match="--protocol paper scores humaneval with EvalPlus"):
+        score_code_predictions("humaneval", [], tasks, protocol="paper", progress=False)
+
+
+def test_generation_covers_exactly_the_evalplus_task_set(shared_data, mbpp_plus):
+    selected = code.tasks_to_generate("mbpp", str(shared_data / "mbpp" / "sanitized-mbpp.json"), evalplus_file=mbpp_plus)
+    assert [task.task_id for task in selected] == ["Mbpp/2"]  # of the 427 sanitized tasks, only the EvalPlus set

@@ -29,7 +29,9 @@ def test_humaneval_canonical_solutions_pass_164_of_164(humaneval):
 
 @pytest.mark.slow
 def test_mbpp_reference_programs_pass_427_of_427(mbpp):
-    result = score_code_predictions("mbpp", reference_predictions("mbpp", mbpp), mbpp, postprocess=True, progress=False)
+    result = score_code_predictions(
+        "mbpp", reference_predictions("mbpp", mbpp), mbpp, postprocess=True, allow_subset=True, progress=False
+    )
     failures = [(record["task_id"], record["error"]) for record in result["records"] if not record["passed"]]
     assert failures == [] and result["num_passed"] == 427 and result["pass@1"] == 1.0
 
@@ -47,5 +49,5 @@ def test_wrong_programs_pass_no_mbpp_task(mbpp):
         {"task_id": task.task_id, "completion": f"def {task.entry_point}(*args, **kwargs):\n    return None\n"}
         for task in mbpp
     ]
-    result = score_code_predictions("mbpp", rows, mbpp, progress=False)
+    result = score_code_predictions("mbpp", rows, mbpp, allow_subset=True, progress=False)
     assert result["num_passed"] == 0 and result["pass@1"] == 0.0

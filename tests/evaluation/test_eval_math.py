@@ -18,6 +18,7 @@ from tlora.evaluation.common import (
     run_task,
 )
 from tlora.evaluation.generation import CallableBackend
+from tlora.evaluation.protocols import PAPER_STOP_STRINGS
 from tlora.prompts import format_prompt
 
 
@@ -129,6 +130,8 @@ def test_gsm8k_scoring_only_cli_writes_result_and_predictions(shared_data, tmp_p
             data_file,
             "--output",
             str(output),
+            "--protocol",
+            "robust",
         ],
         cwd=repo_root,
         capture_output=True,
@@ -136,7 +139,7 @@ def test_gsm8k_scoring_only_cli_writes_result_and_predictions(shared_data, tmp_p
         timeout=300,
     )
     assert process.returncode == 0, process.stderr[-2000:]
-    assert "gsm8k: accuracy 0.8000 (4/5 correct)" in process.stdout
+    assert f"gsm8k: accuracy 0.8000 (4/5 correct; protocol robust, {data_file}, subset)" in process.stdout
     result = json.loads(output.read_text())
     assert (result["task"], result["accuracy"], result["num_items"], result["model"]) == ("gsm8k", 0.8, 5, None)
     assert result["data_file"] == data_file and result["backend"] is None
@@ -176,12 +179,15 @@ def test_gsm8k_generates_with_the_hf_backend_then_rescoring_matches(tiny_model_d
         str(tiny_model_dir),
     )
     assert result["generation"]["max_new_tokens"] == 8 and result["generation"]["temperature"] == 0.0
-    assert "### Instruction" in result["generation"]["stop"]
+    assert result["protocol"] == "paper"  # the default: the authors' ten stop strings
+    assert result["generation"]["stop"] == list(PAPER_STOP_STRINGS)
     assert all(record["completion"] for record in result["records"])
     rescored = run_task(
-        gsm8k.TASK,
+        gsm8k.TASKS["paper"],
         ModelArguments(),
-        EvaluationArguments(data_file=data_file, predictions=str(tmp_path / "generated_predictions.jsonl")),
+        EvaluationArguments(
+            data_file=data_file, predictions=str(tmp_path / "generated_predictions.jsonl"), allow_subset=True
+        ),
         write=False,
     )
     assert rescored["records"] == result["records"]
@@ -218,7 +224,7 @@ def test_malformed_files_name_the_file_and_line(tmp_path):
             gsm8k.TASK, ModelArguments(), EvaluationArguments(data_file=str(data_file), predictions="x"), write=False
         )
     data_file.write_text('{"question": "q", "answer": "#### 1"}\n{"query": "q2", "answer": "#### 2"}\n')
-    with pytest.raises(DataFormatError, match=r"row 1 .*missing field\(s\) \['question'\]"):
+    with pytest.raises(DataFormatError, match=r"row 1 .*has \['answer', 'query'\]"):
         run_task(
             gsm8k.TASK, ModelArguments(), EvaluationArguments(data_file=str(data_file), predictions="x"), write=False
         )
@@ -321,7 +327,18 @@ def test_math_cli_scores_predictions(shared_data, tmp_path, repo_root):
     predictions[3]["completion"] = "No idea."
     path = write_rows(tmp_path / "math_predictions_in.jsonl", predictions)
     output = tmp_path / "math.json"
-    run_script(repo_root, "math/eval_math.py", "--predictions", path, "--data_file", data_file, "--output", str(output))
+    run_script(
+        repo_root,
+        "math/eval_math.py",
+        "--predictions",
+        path,
+        "--data_file",
+        data_file,
+        "--output",
+        str(output),
+        "--protocol",
+        "robust",
+    )
     result = json.loads(output.read_text())
     assert (result["task"], result["accuracy"], result["num_items"]) == ("math", 0.75, 4)
     assert result["records"][0]["gold"] == "2" and result["records"][0]["extracted"] == "2"

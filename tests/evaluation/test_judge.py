@@ -225,38 +225,25 @@ def answer_text(prompt: str) -> str:
     return f"Reply number {len(prompt) % 97}."
 
 
+def run_judge_script(repo_root, monkeypatch, judge: StandInJudge, mt_bench: dict, answer_file, *extra: str) -> None:
+    """Run chat/judge_mt_bench.py in this process on `answer_file` with the stand-in judge and the shared data."""
+    arguments = ["--predictions", str(answer_file), "--question_file", mt_bench["questions"]]
+    arguments += ["--judge_prompts_file", mt_bench["judge_prompts"], "--reference_answer_file", mt_bench["references"]]
+    arguments += ["--judge_base_url", judge.base_url, "--judge_model", "stand-in-judge"]
+    arguments += ["--judge_api_key_env", "TLORA_TEST_JUDGE_KEY", *extra]
+    monkeypatch.setattr(sys, "argv", ["chat/judge_mt_bench.py", *arguments])
+    runpy.run_path(str(repo_root / "chat" / "judge_mt_bench.py"), run_name="__main__")
+
+
 def test_answers_to_judgment_to_score_end_to_end(mt_bench, tmp_path, repo_root, monkeypatch):
     questions = load_questions(mt_bench["questions"])
     answer_file = tmp_path / "eval" / "mt_bench_answers.jsonl"
     write_answers(str(answer_file), generate_answers(questions, CallableBackend(answer_text), model_id="stand-in"))
     output = tmp_path / "eval" / "mt_bench.json"
     with StandInJudge() as judge:
-        monkeypatch.setattr(
-            sys,
-            "argv",
-            [
-                "chat/judge_mt_bench.py",
-                "--predictions",
-                str(answer_file),
-                "--question_file",
-                mt_bench["questions"],
-                "--judge_prompts_file",
-                mt_bench["judge_prompts"],
-                "--reference_answer_file",
-                mt_bench["references"],
-                "--judge_base_url",
-                judge.base_url,
-                "--judge_model",
-                "stand-in-judge",
-                "--judge_api_key_env",
-                "TLORA_TEST_JUDGE_KEY",
-                "--output",
-                str(output),
-                "--parallel",
-                "4",
-            ],
+        run_judge_script(
+            repo_root, monkeypatch, judge, mt_bench, answer_file, "--output", str(output), "--parallel", "4"
         )
-        runpy.run_path(str(repo_root / "chat" / "judge_mt_bench.py"), run_name="__main__")
     assert len(judge.requests) == 160
 
     # What the score must be: the stand-in's ratings of exactly the prompts FastChat's recipe builds.
@@ -286,7 +273,8 @@ def test_answers_to_judgment_to_score_end_to_end(mt_bench, tmp_path, repo_root, 
     judgment_file = tmp_path / "eval" / "mt_bench_judgments.jsonl"
     judgments = [json.loads(line) for line in judgment_file.read_text().splitlines()]
     assert len(judgments) == 160
-    assert set(judgments[0]) == {"question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp"}
+    fastchat_fields = {"question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp"}
+    assert set(judgments[0]) == fastchat_fields | {"digest"}
     assert {tuple(row["judge"]) for row in judgments} == {
         ("stand-in-judge", name)
         for name in ("single-v1", "single-v1-multi-turn", "single-math-v1", "single-math-v1-multi-turn")
@@ -297,30 +285,7 @@ def test_answers_to_judgment_to_score_end_to_end(mt_bench, tmp_path, repo_root, 
 
     # A second run reuses the valid judgments and asks again only for the one without a rating.
     with StandInJudge() as judge:
-        monkeypatch.setattr(
-            sys,
-            "argv",
-            [
-                "chat/judge_mt_bench.py",
-                "--predictions",
-                str(answer_file),
-                "--question_file",
-                mt_bench["questions"],
-                "--judge_prompts_file",
-                mt_bench["judge_prompts"],
-                "--reference_answer_file",
-                mt_bench["references"],
-                "--judge_base_url",
-                judge.base_url,
-                "--judge_model",
-                "stand-in-judge",
-                "--judge_api_key_env",
-                "TLORA_TEST_JUDGE_KEY",
-                "--output",
-                str(output),
-            ],
-        )
-        runpy.run_path(str(repo_root / "chat" / "judge_mt_bench.py"), run_name="__main__")
+        run_judge_script(repo_root, monkeypatch, judge, mt_bench, answer_file, "--output", str(output))
     assert len(judge.requests) == 1
     assert json.loads(output.read_text())["score"] == pytest.approx(result["score"])
 
@@ -350,3 +315,98 @@ def test_judging_a_subset_with_limit(mt_bench, tmp_path):
         (83, 1),
         (83, 2),
     ]
+
+
+# ------------------------------------------------------------------------------------------------ stale judgments
+
+
+def test_a_changed_answer_is_judged_again_and_only_that_turn(mt_bench, tmp_path):
+    from tlora.evaluation.mt_bench import run_judgment
+
+    questions = load_questions(mt_bench["questions"], limit=3)
+    answer_file = tmp_path / "run" / "eval" / "mt_bench_answers.jsonl"
+    answers = generate_answers(questions, CallableBackend(lambda p: f"Reply {len(p) % 89}."), model_id="merged")
+    write_answers(str(answer_file), answers)
+    judgment_file = tmp_path / "run" / "eval" / "mt_bench_judgments.jsonl"
+
+    def judge_once(changed_answers) -> tuple[dict, list[str]]:
+        write_answers(str(answer_file), changed_answers)
+        with StandInJudge() as judge:
+            result = run_judgment(
+                answer_file=str(answer_file),
+                question_file=mt_bench["questions"],
+                judge_prompts_file=mt_bench["judge_prompts"],
+                reference_answer_file=mt_bench["references"],
+                client=client_for(judge),
+                judgment_file=str(judgment_file),
+                limit=3,
+                parallel=2,
+            )
+        return result, [body["messages"][1]["content"] for _, body in judge.requests]
+
+    first, sent = judge_once(answers)
+    assert len(sent) == 6 and first["num_judgments"] == 6
+    assert judge_once(answers)[1] == []  # nothing changed: every judgment is reused
+
+    # Same question, turn, model id ("merged") and judge, new second answer: only turn 2 of that question is re-judged.
+    changed = [dict(row, choices=[dict(row["choices"][0], turns=list(row["choices"][0]["turns"]))]) for row in answers]
+    changed[1]["choices"][0]["turns"][1] = "A different second answer."
+    second, sent = judge_once(changed)
+    assert len(sent) == 1 and "A different second answer." in sent[0]
+    by_key = {(row["question_id"], row["turn"]): row for row in second["records"]}
+    assert "A different second answer." in by_key[(82, 2)]["user_prompt"]
+    expected = stand_in_rating(by_key[(82, 2)]["user_prompt"])
+    assert by_key[(82, 2)]["score"] == expected
+    others = {key: row["score"] for key, row in by_key.items() if key != (82, 2)}
+    before = {(row["question_id"], row["turn"]): row["score"] for row in first["records"]}
+    assert others == {key: score for key, score in before.items() if key != (82, 2)}
+
+    # A new first answer changes what both turns' judges see (turn 2 shows the whole conversation).
+    changed[0]["choices"][0]["turns"][0] = "A different first answer."
+    assert len(judge_once(changed)[1]) == 2
+    # Another judge model sees the same prompts but is a different judge: everything is judged again.
+    with StandInJudge() as judge:
+        run_judgment(
+            answer_file=str(answer_file),
+            question_file=mt_bench["questions"],
+            judge_prompts_file=mt_bench["judge_prompts"],
+            reference_answer_file=mt_bench["references"],
+            client=client_for(judge, model="another-judge"),
+            judgment_file=str(judgment_file),
+            limit=3,
+        )
+    assert len(judge.requests) == 6
+
+
+def test_judgments_live_beside_the_answers_they_judge(mt_bench, tmp_path, repo_root, monkeypatch):
+    questions = load_questions(mt_bench["questions"], limit=2)
+    results = {}
+    for run in ("run_a", "run_b"):
+        answer_file = tmp_path / run / "merged_answers.jsonl"
+        answers = generate_answers(questions, CallableBackend(lambda prompt, reply=run: reply), model_id="merged")
+        write_answers(str(answer_file), answers)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for run in ("run_a", "run_b"):
+        with StandInJudge() as judge:
+            answer_file = tmp_path / run / "merged_answers.jsonl"
+            run_judge_script(repo_root, monkeypatch, judge, mt_bench, answer_file, "--limit", "2")
+        results[run] = len(judge.requests)
+    assert results == {"run_a": 4, "run_b": 4}  # the second run does not reuse the first run's judgments
+    assert list(elsewhere.iterdir()) == []
+    for run in ("run_a", "run_b"):
+        assert (tmp_path / run / "merged_judgments.jsonl").is_file()
+        result = json.loads((tmp_path / run / "merged.json").read_text())
+        assert result["judgment_file"] == str(tmp_path / run / "merged_judgments.jsonl")
+        assert result["protocol"] == "judge:stand-in-judge" and result["data"]["num_items"] == 2
+
+
+def test_the_default_model_id_of_a_merged_copy_names_its_run(tmp_path):
+    from tlora.evaluation.mt_bench import default_model_id
+
+    (tmp_path / "chat-tlora" / "merged").mkdir(parents=True)
+    (tmp_path / "chat-tlora" / "run_record.json").write_text("{}")
+    assert default_model_id(str(tmp_path / "chat-tlora" / "merged")) == "chat-tlora/merged"
+    assert default_model_id(str(tmp_path / "chat-tlora")) == "chat-tlora"
+    assert default_model_id("meta-llama/Llama-2-7b-hf") == "Llama-2-7b-hf"

@@ -19,6 +19,19 @@ Post-processing (`postprocess_completion`), as the paper's scripts did, with two
    that use `assert` inside their body).
 The raw completion is kept beside the post-processed one in the predictions file and in every record.
 
+Task sets: EvalPlus's task ids (HumanEval+: the 164 HumanEval tasks; MBPP+ v0.2.0: 378 of the 427 sanitized
+tasks), read from EvalPlus's data file (`--evalplus_file`, else `HUMANEVAL_OVERRIDE_PATH` / `MBPP_OVERRIDE_PATH`,
+else the file EvalPlus cached in `~/.cache/evalplus`). Generation and scoring fail, naming the first missing task,
+when the test data or the predictions lack any of them, unless `--allow_subset` (or `--limit`) asks for a subset,
+which the result records (`data.subset`). The default MBPP source is all four splits of the hub's sanitized MBPP
+(427 tasks; its `test` split alone holds only 257).
+
+Protocols (`protocols.py`): `robust` is what this docstring describes. `paper` follows the authors'
+`evaluate/code/gen_vllm.py` and `code_process.py`: no stop strings, at most 1,024 new tokens, their clean-up
+(`paper_postprocess_completion`), and EvalPlus's scoring of `prompt + completion` on the base and plus tests (so it
+needs EvalPlus's data file). The authors' prompts come from a `python` test file of PiSSA's dataset that is not
+public in this form; the paper protocol uses this project's prompts (a difference listed in the README).
+
 Scoring: with EvalPlus's data (HumanEval+ / MBPP+ files named by `HUMANEVAL_OVERRIDE_PATH` / `MBPP_OVERRIDE_PATH`
 or `--evalplus_file`) each solution runs in EvalPlus's own sandbox (`evalplus.eval.untrusted_check`) on the base and
 the plus inputs and is compared with the canonical solution's outputs, as `evalplus.evaluate` does: `pass@1` is the
@@ -41,6 +54,7 @@ from typing import Any, Optional
 
 from ..prompts import format_prompt
 from .common import DataFormatError, load_rows, read_jsonl, require_fields
+from .protocols import PAPER, ROBUST, ROBUST_STOP_STRINGS, check_protocol, data_record
 from .sandbox import HelperPool, ProgramJob, SandboxLimits, default_workers, run_programs
 
 logger = logging.getLogger(__name__)
@@ -51,6 +65,8 @@ DATASETS = ("humaneval", "mbpp")
 HUMANEVAL_HUB_ID = "openai/openai_humaneval"
 MBPP_HUB_ID = "google-research-datasets/mbpp"
 MBPP_HUB_CONFIG = "sanitized"
+MBPP_HUB_SPLITS = "prompt+train+validation+test"  # all 427 sanitized tasks (the test split alone has 257)
+HUMANEVAL_TASK_COUNT = 164  # HumanEval+ keeps every HumanEval task
 DEFAULT_DATA_FILES = {"humaneval": HUMANEVAL_HUB_ID, "mbpp": MBPP_HUB_ID}
 
 # EvalPlus data (HumanEval+ / MBPP+ JSON lines), read from the same variables EvalPlus itself reads.
@@ -153,7 +169,7 @@ def load_code_tasks(dataset: str, data_file: Optional[str] = None, limit: Option
         require_fields(rows, ("task_id", "prompt", "test", "entry_point"), source)
         tasks = [_humaneval_task(row) for row in rows]
     else:
-        rows = load_rows(source, hub_config=MBPP_HUB_CONFIG, hub_split="test")
+        rows = load_rows(source, hub_config=MBPP_HUB_CONFIG, hub_split=MBPP_HUB_SPLITS)
         if rows and "text" in rows[0] and "prompt" not in rows[0]:
             raise DataFormatError(
                 f"{source} looks like the full MBPP release (field 'text'); pass the sanitized set "
@@ -225,31 +241,64 @@ def postprocess_completion(text: str) -> str:
     return "\n".join(lines).rstrip() + "\n" if any(line.strip() for line in lines) else ""
 
 
-def build_solution(dataset: str, task_prompt: str, completion: str) -> str:
-    """The program that is run: `prompt + completion` for HumanEval, the completion itself for MBPP."""
-    return task_prompt + completion if dataset == "humaneval" else completion
+def paper_postprocess_completion(text: str) -> str:
+    """The authors' clean-up (`code_process.py`), rule for rule: from the first ```` ```python ```` fence to the next
+    line starting with ```` ``` ````, then cut at `if __name__ == "__main__":`, at the first `# Example usage` and at
+    the first `assert` anywhere, stripping the text after each cut."""
+    code = text.replace("\r", "")
+    if "```python" in code:
+        code = code[code.index("```python") :].strip().replace("```python", "")
+        if "\n```" in code:
+            code = code[: code.index("\n```")].strip()
+    # The authors test for `__name__ == "__main__"` and cut at `if __name__ == "__main__":` (their script fails when
+    # only the first is present; here that completion is kept as it is).
+    guard = 'if __name__ == "__main__":'
+    if '__name__ == "__main__"' in code and guard in code:
+        code = code[: code.index(guard)].strip()
+    for marker in ("# Example usage", "assert"):
+        if marker in code:
+            code = code[: code.index(marker)].strip()
+    return code
+
+
+def postprocess_for(protocol: str):
+    """The clean-up of a protocol: the authors' for `paper`, this project's for `robust`."""
+    return paper_postprocess_completion if check_protocol(protocol) == PAPER else postprocess_completion
+
+
+def build_solution(dataset: str, task_prompt: str, completion: str, protocol: str = ROBUST) -> str:
+    """The program that is run: `prompt + completion` for HumanEval (and for MBPP+ under the paper protocol, as
+    `evalplus.evaluate` builds it), the completion itself for MBPP."""
+    if dataset == "humaneval" or protocol == PAPER:
+        return task_prompt + completion
+    return completion
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generation
 
 
-def generation_settings(max_new_tokens: Optional[int] = None, batch_size: int = 16, seed: int = 0):
-    """Greedy decoding with the paper's code limit and the Alpaca stop strings."""
-    from .generation import DEFAULT_STOP_STRINGS, GenerationSettings
+def generation_settings(
+    max_new_tokens: Optional[int] = None, batch_size: int = 16, seed: int = 0, protocol: str = ROBUST
+):
+    """Greedy decoding with the paper's code limit; the Alpaca stop strings (robust) or none (the authors')."""
+    from .generation import GenerationSettings
 
     return GenerationSettings(
         max_new_tokens=max_new_tokens or MAX_NEW_TOKENS,
         temperature=0.0,
         top_p=1.0,
-        stop=list(DEFAULT_STOP_STRINGS),
+        stop=[] if check_protocol(protocol) == PAPER else list(ROBUST_STOP_STRINGS),
         batch_size=batch_size,
         seed=seed,
     )
 
 
-def generate_code_predictions(dataset: str, tasks: Sequence[CodeTask], backend, settings) -> list[dict]:
+def generate_code_predictions(
+    dataset: str, tasks: Sequence[CodeTask], backend, settings, protocol: str = ROBUST
+) -> list[dict]:
     """One predictions row per task: task_id, model prompt, raw completion and post-processed completion."""
+    postprocess = postprocess_for(protocol)
     prompts = [build_prompt(dataset, task) for task in tasks]
     started = time.monotonic()
     texts = backend.generate(prompts, settings)
@@ -259,7 +308,7 @@ def generate_code_predictions(dataset: str, tasks: Sequence[CodeTask], backend, 
             "task_id": task.task_id,
             "prompt": prompt,
             "raw_completion": text,
-            "completion": postprocess_completion(text),
+            "completion": postprocess(text),
         }
         for task, prompt, text in zip(tasks, prompts, texts, strict=True)
     ]
@@ -297,8 +346,21 @@ def read_code_predictions(path: str, dataset: str) -> list[dict]:
 # Scoring
 
 
+def evalplus_cache_file(dataset: str) -> str:
+    """Where EvalPlus keeps its downloaded HumanEval+ / MBPP+ file (its own naming and default versions)."""
+    from evalplus.data.humaneval import HUMANEVAL_PLUS_VERSION
+    from evalplus.data.mbpp import MBPP_PLUS_VERSION
+    from evalplus.data.utils import get_dataset_metadata
+
+    name, version = {"humaneval": ("HumanEvalPlus", HUMANEVAL_PLUS_VERSION), "mbpp": ("MbppPlus", MBPP_PLUS_VERSION)}[
+        dataset
+    ]
+    return get_dataset_metadata(name, version, mini=False)[1]
+
+
 def evalplus_data_file(dataset: str, explicit: Optional[str] = None) -> Optional[str]:
-    """The EvalPlus data file to use: `explicit`, else the variable EvalPlus reads, else None (original tests)."""
+    """The EvalPlus data file: `explicit`, else the variable EvalPlus reads, else EvalPlus's cached download, else
+    None (nothing is downloaded here)."""
     path = explicit or os.environ.get(EVALPLUS_ENVIRONMENT[dataset])
     if path and not os.path.isfile(os.path.expanduser(path)):
         raise FileNotFoundError(
@@ -306,7 +368,58 @@ def evalplus_data_file(dataset: str, explicit: Optional[str] = None) -> Optional
             f"EvalPlus releases and point {EVALPLUS_ENVIRONMENT[dataset]} (or --evalplus_file) at it, or unset it "
             "to score with the original tests."
         )
-    return os.path.expanduser(path) if path else None
+    if path:
+        return os.path.expanduser(path)
+    try:
+        cached = evalplus_cache_file(dataset)
+    except ImportError:
+        return None
+    return cached if os.path.isfile(cached) else None
+
+
+def expected_task_ids(dataset: str, evalplus_file: Optional[str]) -> tuple[Optional[list[str]], str]:
+    """EvalPlus's task ids for `dataset` and where they came from (None for MBPP when no MBPP+ file is at hand)."""
+    if evalplus_file is not None:
+        return [normalise_task_id(dataset, row["task_id"]) for row in read_jsonl(evalplus_file)], evalplus_file
+    if dataset == "humaneval":
+        return [f"HumanEval/{index}" for index in range(HUMANEVAL_TASK_COUNT)], "HumanEval+ task ids (HumanEval/0-163)"
+    return None, "unknown (no MBPP+ file)"
+
+
+def select_tasks(
+    dataset: str,
+    tasks: Sequence[CodeTask],
+    evalplus_file: Optional[str],
+    *,
+    source: str,
+    allow_subset: bool = False,
+) -> tuple[list[CodeTask], str]:
+    """The tasks to generate for or score: EvalPlus's task set, all of it present in `tasks` unless `allow_subset`
+    (then the tasks of `tasks` that EvalPlus's file holds, or all of them without a file); and the task set's source.
+    """
+    expected, task_set = expected_task_ids(dataset, evalplus_file)
+    by_id = {task.task_id: task for task in tasks}
+    if allow_subset:
+        wanted = set(expected) if evalplus_file is not None else set(by_id)
+        return [task for task in tasks if task.task_id in wanted], task_set
+    if expected is None:
+        raise FileNotFoundError(
+            "The MBPP+ task set (378 tasks) is read from EvalPlus's MbppPlus.jsonl, which is not at hand: run "
+            "`python -c 'from evalplus.data import get_mbpp_plus; get_mbpp_plus()'` once (EvalPlus downloads it into "
+            "~/.cache/evalplus), or point MBPP_OVERRIDE_PATH (or --evalplus_file) at the file, or pass --allow_subset "
+            f"to use every task of {source} (the result records a subset)."
+        )
+    missing = [task_id for task_id in expected if task_id not in by_id]
+    if missing:
+        raise DataFormatError(
+            f"{len(missing)} of the {len(expected)} {dataset} tasks of {task_set} are not in {source} (first: "
+            f"{missing[0]}); pass the full test set with --data_file, or --allow_subset to use only the tasks it has "
+            "(the result records a subset)."
+        )
+    extra = len(by_id) - len(expected)
+    if extra > 0:
+        logger.info("%s: %d tasks outside %s's task set are left out", source, extra, task_set)
+    return [by_id[task_id] for task_id in expected], task_set
 
 
 EVALPLUS_FIELDS = ("task_id", "prompt", "canonical_solution", "entry_point", "base_input", "plus_input", "atol")
@@ -421,65 +534,75 @@ def score_code_predictions(
     data_file: Optional[str] = None,
     evalplus_file: Optional[str] = None,
     postprocess: bool = True,
+    protocol: str = ROBUST,
+    allow_subset: bool = False,
     limits: Optional[SandboxLimits] = None,
     workers: Optional[int] = None,
     progress: bool = True,
 ) -> dict:
-    """pass@1 of `predictions` (rows with task_id and completion): the result dict with one record per prediction.
+    """pass@1 of `predictions` (rows with task_id and completion) over EvalPlus's task set: the result dict with one
+    record per prediction.
 
-    Tasks without a prediction count as failed (and are reported); predictions for unknown tasks are an error.
+    A task of the set without a prediction is an error unless `allow_subset` (then only predicted tasks are scored,
+    and the result says so); predictions for tasks outside the test data are an error.
     """
     check_dataset(dataset)
+    check_protocol(protocol)
+    data_file = data_file or DEFAULT_DATA_FILES[dataset]
     if tasks is None:
-        data_file = data_file or DEFAULT_DATA_FILES[dataset]
         tasks = load_code_tasks(dataset, data_file)
     workers = workers or default_workers()
     plus_path = evalplus_data_file(dataset, evalplus_file)
+    if protocol == PAPER and plus_path is None:
+        raise FileNotFoundError(
+            f"--protocol paper scores {dataset} with EvalPlus (base and plus tests), as the authors did: point "
+            f"{EVALPLUS_ENVIRONMENT[dataset]} (or --evalplus_file) at EvalPlus's data file, or let EvalPlus download "
+            "it once (`python -c 'from evalplus.data import get_human_eval_plus, get_mbpp_plus; "
+            "get_human_eval_plus(); get_mbpp_plus()'`)."
+        )
     plus_problems = load_evalplus_problems(dataset, plus_path) if plus_path else None
+    selected, task_set = select_tasks(dataset, tasks, plus_path, source=data_file, allow_subset=allow_subset)
     task_by_id = {task.task_id: task for task in tasks}
-    if plus_problems is not None:
-        # EvalPlus's set (HumanEval+ 164, MBPP+ 378 of the 427 sanitized tasks) within the tasks asked for.
-        scored_ids = [task_id for task_id in plus_problems if task_id in task_by_id]
-        if not scored_ids:
-            raise DataFormatError(
-                f"The EvalPlus file {plus_path} and the {dataset} test set share no task ids; check both files."
-            )
-    else:
-        scored_ids = [task.task_id for task in tasks]
+    scored_ids = [task.task_id for task in selected]
+    if not scored_ids:
+        raise DataFormatError(f"No {dataset} task of {task_set} is in {data_file}; check both files.")
     rows = [{**row, "task_id": normalise_task_id(dataset, row["task_id"])} for row in predictions]
-    known = set(scored_ids)
-    unknown = sorted({row["task_id"] for row in rows} - known)
-    if unknown and plus_problems is None:
+    unknown = sorted({row["task_id"] for row in rows} - set(task_by_id))
+    if unknown:
         raise DataFormatError(
             f"{len(unknown)} prediction(s) name tasks that are not in the test set (first: {unknown[0]}); check "
             "--data_file and --limit."
         )
-    if unknown:
-        logger.info("%d predictions are for tasks outside the EvalPlus set and are not scored", len(unknown))
+    outside = {row["task_id"] for row in rows} - set(scored_ids)
+    if outside:
+        logger.info("%d predicted tasks are outside %s and are not scored", len(outside), task_set)
+    known = set(scored_ids)
     rows = [row for row in rows if row["task_id"] in known]
     predicted = {row["task_id"] for row in rows}
     missing = [task_id for task_id in scored_ids if task_id not in predicted]
+    if missing and not allow_subset:
+        raise DataFormatError(
+            f"{len(missing)} of the {len(scored_ids)} {dataset} tasks have no prediction (first: {missing[0]}); "
+            "generate all of them, or pass --allow_subset to score only the predicted tasks (the result records a "
+            "subset)."
+        )
     if missing:
         logger.warning(
-            "%d of %d tasks have no prediction and count as failed (first: %s)",
-            len(missing),
-            len(scored_ids),
-            missing[0],
+            "--allow_subset: scoring %d of %d tasks (no prediction for the rest)", len(predicted), len(known)
         )
+        scored_ids = [task_id for task_id in scored_ids if task_id in predicted]
 
+    clean = postprocess_for(protocol) if postprocess else (lambda text: text)
     records = []
     for row in rows:
-        task = task_by_id.get(row["task_id"])
-        if plus_problems is not None:
-            task_prompt = plus_problems[row["task_id"]]["prompt"]
-        else:
-            task_prompt = task.text
-        completion = postprocess_completion(row["completion"]) if postprocess else row["completion"]
+        task = task_by_id[row["task_id"]]
+        task_prompt = plus_problems[row["task_id"]]["prompt"] if plus_problems is not None else task.text
+        completion = clean(row["completion"])
         record = {
             "task_id": row["task_id"],
-            "prompt": row.get("prompt") or (build_prompt(dataset, task) if task is not None else task_prompt),
+            "prompt": row.get("prompt") or build_prompt(dataset, task),
             "completion": completion,
-            "solution": build_solution(dataset, task_prompt, completion),
+            "solution": build_solution(dataset, task_prompt, completion, protocol),
             "passed": False,
             "plus_passed": None,
             "error": None,
@@ -514,19 +637,6 @@ def score_code_predictions(
             record["status"] = outcome.status
             record["error"] = outcome.error
     seconds = time.monotonic() - started
-    for task_id in missing:
-        records.append(
-            {
-                "task_id": task_id,
-                "prompt": None,
-                "completion": None,
-                "solution": None,
-                "passed": False,
-                "plus_passed": False if plus_problems is not None else None,
-                "error": "no prediction",
-                "status": "missing",
-            }
-        )
 
     pass_at_1 = _group_pass_rate(records, "passed")
     pass_at_1_plus = _group_pass_rate(records, "plus_passed") if plus_problems is not None else None
@@ -545,8 +655,11 @@ def score_code_predictions(
         "num_items": len(scored_ids),
         "num_predictions": len(rows),
         "num_passed": sum(bool(record["passed"]) for record in records),
-        "num_missing": len(missing),
-        "tests": "evalplus" if plus_problems is not None else "original",
+        "protocol": protocol,
+        "data": data_record(data_file, len(scored_ids), dataset, subset=allow_subset),
+        "task_set": task_set,
+        # `pass@1` counts the base tests (EvalPlus's or the original asserts); `pass@1_plus` base and plus.
+        "tests": "evalplus base+plus" if plus_problems is not None else "original asserts",
         "evalplus_file": plus_path,
         "data_file": data_file,
         "postprocessed": postprocess,
@@ -569,6 +682,28 @@ def write_json(path: str, data: Mapping) -> None:
         handle.write("\n")
 
 
+def tasks_to_generate(
+    dataset: str,
+    data_file: Optional[str],
+    *,
+    limit: Optional[int] = None,
+    evalplus_file: Optional[str] = None,
+    allow_subset: bool = False,
+) -> list[CodeTask]:
+    """EvalPlus's task set of `dataset` from `data_file`, checked complete unless a subset is asked for (`--limit`
+    or `allow_subset`)."""
+    source = data_file or DEFAULT_DATA_FILES[dataset]
+    tasks = load_code_tasks(dataset, source, limit=limit)
+    selected, _ = select_tasks(
+        dataset,
+        tasks,
+        evalplus_data_file(dataset, evalplus_file),
+        source=source,
+        allow_subset=allow_subset or limit is not None,
+    )
+    return selected
+
+
 def generate_code_file(
     dataset: str,
     backend,
@@ -577,12 +712,21 @@ def generate_code_file(
     data_file: Optional[str] = None,
     settings=None,
     limit: Optional[int] = None,
+    evalplus_file: Optional[str] = None,
+    allow_subset: bool = False,
+    protocol: str = ROBUST,
+    tasks: Optional[Sequence[CodeTask]] = None,
 ) -> list[dict]:
-    """Generate completions for every task of `dataset` and write them as a predictions file (JSON lines)."""
+    """Generate completions for EvalPlus's task set of `dataset` (or for `tasks`, from `tasks_to_generate`) and write
+    them as a predictions file (JSON lines)."""
     from .common import write_jsonl
 
-    tasks = load_code_tasks(dataset, data_file, limit=limit)
-    rows = generate_code_predictions(dataset, tasks, backend, settings or generation_settings())
+    if tasks is None:
+        tasks = tasks_to_generate(
+            dataset, data_file, limit=limit, evalplus_file=evalplus_file, allow_subset=allow_subset
+        )
+    settings = settings or generation_settings(protocol=protocol)
+    rows = generate_code_predictions(dataset, tasks, backend, settings, protocol)
     write_jsonl(output_path, rows)
     logger.info("Wrote %d %s generations to %s", len(rows), dataset, output_path)
     return rows
@@ -599,6 +743,8 @@ def evaluate_code(
     settings=None,
     limit: Optional[int] = None,
     postprocess: bool = True,
+    protocol: str = ROBUST,
+    allow_subset: bool = False,
     limits: Optional[SandboxLimits] = None,
     workers: Optional[int] = None,
     score_references: bool = False,
@@ -611,6 +757,7 @@ def evaluate_code(
 
     source = data_file or DEFAULT_DATA_FILES[dataset]
     tasks = load_code_tasks(dataset, source, limit=limit)
+    subset = allow_subset or limit is not None
     info: dict[str, Any] = {}
     if score_references:
         predictions, postprocess = reference_predictions(dataset, tasks), False
@@ -619,8 +766,11 @@ def evaluate_code(
         predictions = read_code_predictions(predictions_file, dataset)
         info["predictions_file"] = predictions_file
     elif backend is not None:
-        settings = settings or generation_settings()
-        predictions = generate_code_predictions(dataset, tasks, backend, settings)
+        settings = settings or generation_settings(protocol=protocol)
+        selected, _ = select_tasks(
+            dataset, tasks, evalplus_data_file(dataset, evalplus_file), source=source, allow_subset=subset
+        )
+        predictions = generate_code_predictions(dataset, selected, backend, settings, protocol)
         info["generation"] = asdict(settings)
         if output is not None:
             write_jsonl(predictions_path(output), predictions)
@@ -633,10 +783,11 @@ def evaluate_code(
         data_file=source,
         evalplus_file=evalplus_file,
         postprocess=postprocess,
+        protocol=protocol,
+        allow_subset=subset,
         limits=limits,
         workers=workers,
     )
-    result["data_file"] = source
     if limit is not None:
         result["limit"] = limit
     result.update(info)
@@ -659,7 +810,13 @@ __all__ = [
     "build_prompt",
     "build_solution",
     "run_evalplus",
+    "evalplus_cache_file",
     "evalplus_data_file",
+    "expected_task_ids",
+    "paper_postprocess_completion",
+    "postprocess_for",
+    "select_tasks",
+    "tasks_to_generate",
     "evaluate_code",
     "generate_code_file",
     "extract_code_block",

@@ -15,7 +15,19 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+from .protocols import (
+    DEFAULT_PROTOCOL,
+    PAPER,
+    PAPER_STOP_STRINGS,
+    PROTOCOLS,
+    ROBUST,
+    ROBUST_STOP_STRINGS,
+    check_full_set,
+    check_protocol,
+    data_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +232,28 @@ class ModelArguments:
 
 
 @dataclass
-class EvaluationArguments:
+class ProtocolArguments:
+    """Which evaluation protocol, and whether a partial test set is accepted."""
+
+    protocol: str = field(
+        default=DEFAULT_PROTOCOL,
+        metadata={
+            "help": "'paper': the authors' scripts (prompt, stop strings, token limit, full test set, answer reading, "
+            "code clean-up), comparable with the paper's table; 'robust': this project's reading (not comparable).",
+            "choices": list(PROTOCOLS),
+        },
+    )
+    allow_subset: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept data or predictions that do not cover the full test set (GSM8K 1,319, MATH 5,000, "
+            "HumanEval+ 164, MBPP+ 378 tasks); the result records a subset, never compared with the paper."
+        },
+    )
+
+
+@dataclass
+class EvaluationArguments(ProtocolArguments):
     """What to evaluate and where to write the results."""
 
     data_file: Optional[str] = field(
@@ -261,7 +294,7 @@ def default_output_path(task: str, model: Optional[str]) -> str:
     """`<run dir>/eval/<task>.json` for a local model directory, else `./eval_<task>.json`.
 
     The run dir is the model directory itself, or its parent when only the parent holds the training record
-    (`--model RUN_DIR/merged`), so `python -m tlora.report RUN_DIR` finds every evaluation of a run."""
+    (`--model RUN_DIR/merged`), so `python -m tlora.evaluation.report RUN_DIR` finds every evaluation of a run."""
     if model is not None and os.path.isdir(os.path.expanduser(model)):
         directory = os.path.abspath(os.path.expanduser(model))
         parent = os.path.dirname(directory)
@@ -414,35 +447,69 @@ def write_result(
 
 @dataclass
 class TaskSpec:
-    """How one single-file task (GSM8K, MATH) builds prompts, reads gold answers and judges completions."""
+    """How one single-file task (GSM8K, MATH) is evaluated under one protocol: data, prompts, decoding, judging."""
 
     name: str
+    protocol: str
     default_data_file: str
-    hub_config: Optional[str]
-    required_fields: tuple[str, ...]
+    hub_config: Union[None, str, tuple[str, ...]]  # several configs are concatenated (MATH's seven subjects)
+    field_names: tuple[tuple[str, ...], ...]  # accepted field sets; a row needs all fields of one of them
     max_new_tokens: int
+    stop: tuple[str, ...]
     build_item: Callable[[int, dict], EvaluationItem]
     judge: Callable[[str, EvaluationItem], tuple[Any, bool]]  # completion, item -> (extracted answer, correct)
 
 
-def generation_settings(task_max_new_tokens: int, evaluation_arguments: EvaluationArguments):
-    """Greedy settings with the task's token limit (or --max_new_tokens) and the Alpaca stop strings."""
-    from .generation import DEFAULT_STOP_STRINGS, GenerationSettings
+Judge = Callable[[str, EvaluationItem], tuple[Any, bool]]
+
+
+def protocol_tasks(
+    *,
+    paper: tuple[Callable[[int, dict], EvaluationItem], Judge],
+    robust: tuple[Callable[[int, dict], EvaluationItem], Judge],
+    **shared: Any,
+) -> dict[str, TaskSpec]:
+    """A task's TaskSpec under each protocol: (build_item, judge) per protocol, the protocol's stop strings, and the
+    fields both share (name, data, field names, token limit)."""
+    return {
+        PAPER: TaskSpec(protocol=PAPER, stop=PAPER_STOP_STRINGS, build_item=paper[0], judge=paper[1], **shared),
+        ROBUST: TaskSpec(protocol=ROBUST, stop=ROBUST_STOP_STRINGS, build_item=robust[0], judge=robust[1], **shared),
+    }
+
+
+def generation_settings(
+    task_max_new_tokens: int, evaluation_arguments: EvaluationArguments, stop: Optional[Sequence[str]] = None
+):
+    """Greedy settings with the task's token limit (or --max_new_tokens) and stop strings (default: the robust ones)."""
+    from .generation import GenerationSettings
 
     return GenerationSettings(
         max_new_tokens=evaluation_arguments.max_new_tokens or task_max_new_tokens,
         temperature=0.0,
         top_p=1.0,
-        stop=list(DEFAULT_STOP_STRINGS),
+        stop=list(ROBUST_STOP_STRINGS if stop is None else stop),
         batch_size=evaluation_arguments.batch_size,
         seed=evaluation_arguments.seed,
     )
 
 
+def require_field_set(rows: Sequence[Mapping], field_names: Sequence[Sequence[str]], source: str) -> None:
+    """Raise an error naming the file and row when a row has none of the accepted field sets."""
+    for index, row in enumerate(rows):
+        if not any(all(name in row for name in names) for names in field_names):
+            raise DataFormatError(
+                f"{source}, row {index} (line {index + 1} of a JSON-lines file): the row has {sorted(row)}, but this "
+                f"scorer expects the fields {' or '.join(str(list(names)) for names in field_names)}."
+            )
+
+
 def load_task_rows(spec: TaskSpec, data_file: str) -> list[dict]:
-    """The test rows of a single-file task, checked for the fields it needs."""
-    rows = load_rows(data_file, hub_config=spec.hub_config, hub_split="test")
-    require_fields(rows, spec.required_fields, data_file)
+    """The test rows of a single-file task (all configs of a multi-config hub set), checked for their fields."""
+    configs: tuple = (None,)
+    if data_file == spec.default_data_file:  # the task's own hub set, with its config(s)
+        configs = spec.hub_config if isinstance(spec.hub_config, tuple) else (spec.hub_config,)
+    rows = [row for config in configs for row in load_rows(data_file, hub_config=config, hub_split="test")]
+    require_field_set(rows, spec.field_names, data_file)
     return rows
 
 
@@ -458,10 +525,13 @@ def run_task(
     data_file = evaluation_arguments.data_file or spec.default_data_file
     rows = load_task_rows(spec, data_file)
     num_data_rows = len(rows)
+    subset = evaluation_arguments.allow_subset or evaluation_arguments.limit is not None
+    if spec.protocol == PAPER:
+        check_full_set(spec.name, num_data_rows, data_file, evaluation_arguments.allow_subset)
     if evaluation_arguments.limit is not None:
         rows = rows[: evaluation_arguments.limit]
     items = [spec.build_item(index, row) for index, row in enumerate(rows)]
-    settings = generation_settings(spec.max_new_tokens, evaluation_arguments)
+    settings = generation_settings(spec.max_new_tokens, evaluation_arguments, spec.stop)
     completions, used_backend = collect_completions(
         items, model_arguments, evaluation_arguments, settings, backend=backend, num_rows=num_data_rows
     )
@@ -473,6 +543,12 @@ def run_task(
             len(records),
             len(items),
         )
+    extra: dict[str, Any] = {
+        "protocol": spec.protocol,
+        "data": data_record(data_file, len(records), spec.name, subset=subset),
+    }
+    if evaluation_arguments.predictions:
+        extra["predictions_file"] = evaluation_arguments.predictions
     result = build_result(
         spec.name,
         records,
@@ -482,7 +558,7 @@ def run_task(
         settings=None if evaluation_arguments.predictions else settings,
         limit=evaluation_arguments.limit,
         num_data_rows=num_data_rows,
-        extra={"predictions_file": evaluation_arguments.predictions} if evaluation_arguments.predictions else None,
+        extra=extra,
     )
     if write:
         output = evaluation_arguments.output or default_output_path(spec.name, model_arguments.model)
@@ -521,17 +597,19 @@ def parse_arguments(dataclass_types: tuple, description: str, argv: Optional[Seq
 
 
 def summary_line(result: dict) -> str:
-    """A one-line summary of a result for the terminal."""
+    """A one-line summary of a result for the terminal (with its protocol and data source)."""
+    data = result.get("data", {})
     return (
-        f"{result['task']}: accuracy {result['accuracy']:.4f} ({result['num_correct']}/{result['num_items']} correct)"
+        f"{result['task']}: accuracy {result['accuracy']:.4f} ({result['num_correct']}/{result['num_items']} correct; "
+        f"protocol {result.get('protocol')}, {data.get('source')}{', subset' if data.get('subset') else ''})"
     )
 
 
-def main_for_task(spec: TaskSpec, description: str, argv: Optional[Sequence[str]] = None) -> dict:
-    """The whole command line of a single-file task: parse arguments, evaluate, write, print the summary."""
+def main_for_task(tasks: Mapping[str, TaskSpec], description: str, argv: Optional[Sequence[str]] = None) -> dict:
+    """The whole command line of a single-file task: parse arguments, pick the protocol, evaluate, write, print."""
     model_arguments, evaluation_arguments = parse_arguments((ModelArguments, EvaluationArguments), description, argv)
     configure_logging()
-    result = run_task(spec, model_arguments, evaluation_arguments)
+    result = run_task(tasks[check_protocol(evaluation_arguments.protocol)], model_arguments, evaluation_arguments)
     print(summary_line(result))
     return result
 
@@ -543,11 +621,13 @@ __all__ = [
     "load_task_rows",
     "main_for_task",
     "parse_arguments",
+    "protocol_tasks",
     "run_task",
     "summary_line",
     "EvaluationArguments",
     "EvaluationItem",
     "ModelArguments",
+    "ProtocolArguments",
     "accuracy",
     "build_result",
     "collect_completions",
@@ -558,6 +638,7 @@ __all__ = [
     "read_json_rows",
     "read_jsonl",
     "read_predictions",
+    "require_field_set",
     "require_fields",
     "score_items",
     "write_jsonl",

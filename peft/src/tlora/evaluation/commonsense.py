@@ -5,6 +5,9 @@ objects from LLM-Adapters (these files are not a hub dataset, so a local folder 
 Alpaca template on `instruction` (and `input` when non-empty); the model answers with a word such as `answer3`,
 and the first answer word of the task's vocabulary in the completion is the prediction (case is ignored; an
 answer with none is wrong). The headline accuracy is the unweighted mean of the per-task accuracies.
+
+The authors published no commonsense evaluation script, so there is no `paper` protocol here: results record the
+protocol `llm-adapters` (the reading above), and `--protocol` other than the default is refused.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from .common import (
     score_items,
     write_result,
 )
+from .protocols import DEFAULT_PROTOCOL, data_record
 
 logger = logging.getLogger(__name__)
 
+PROTOCOL = "llm-adapters"
 TASK_NAME = "commonsense"
 MAX_NEW_TOKENS = 32
 TEST_FILE_NAME = "test.json"
@@ -173,6 +178,11 @@ def run(
     write: bool = True,
 ) -> dict:
     """Evaluate the commonsense tasks end to end and return the result (per-task and mean accuracy)."""
+    if evaluation_arguments.protocol != DEFAULT_PROTOCOL:
+        raise ValueError(
+            f"Commonsense has one protocol ({PROTOCOL}: the first answer word of the task's vocabulary); the authors "
+            "published no commonsense evaluation to reproduce. Leave out --protocol."
+        )
     files = task_files(commonsense_arguments, evaluation_arguments)
     items: list[EvaluationItem] = []
     num_rows, num_data_rows = {}, {}
@@ -208,6 +218,13 @@ def run(
         settings=None if evaluation_arguments.predictions else settings,
         limit=evaluation_arguments.limit,
         extra={
+            "protocol": PROTOCOL,
+            "data": data_record(
+                commonsense_arguments.data_dir or evaluation_arguments.data_file,
+                len(records),
+                TASK_NAME,
+                subset=evaluation_arguments.limit is not None or len(per_task) < len(TASKS),
+            ),
             "tasks": per_task,
             "data_files": files,
             **({"predictions_file": evaluation_arguments.predictions} if evaluation_arguments.predictions else {}),
@@ -226,6 +243,7 @@ __all__ = [
     "ANSWER_WORDS",
     "CommonsenseArguments",
     "MAX_NEW_TOKENS",
+    "PROTOCOL",
     "TASKS",
     "build_items",
     "extract_answer",

@@ -18,11 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import load_model_and_tokenizer, merged_model_dir
+from .protocols import ROBUST_STOP_STRINGS
 
 logger = logging.getLogger(__name__)
 
-# The next Alpaca example starting means the answer is over (the model's EOS token also ends generation).
-DEFAULT_STOP_STRINGS = ("### Instruction", "Below is an instruction")
+# The robust protocol's stop strings (the paper protocol's are `protocols.PAPER_STOP_STRINGS`).
+DEFAULT_STOP_STRINGS = ROBUST_STOP_STRINGS
 
 BACKENDS = ("auto", "hf", "vllm")
 

@@ -1,6 +1,14 @@
 """GSM8K: prompts (the question as the Alpaca instruction), gold answers and numeric answer extraction.
 
-Extraction, in order:
+Two protocols (see `protocols.py`) share the prompt (the authors' `problem_prompt` is this project's Alpaca
+template, byte for byte) and differ in stop strings and answer reading.
+
+`paper` (the authors' `eval_gsm8k.py`, `extract_answer_number`): the text after the last `The answer is: ` (exact
+case, colon and space), its first match of `[-+]?\d*[.,/]?\d+`, as a float rounded to an integer with Python's
+`round` (so `18.5` reads as 18, `1,234,567` as 1234, `3/4` as 1); no marker or no number is wrong. Gold: the
+integer after the first `#### `. Stop strings: the authors' ten; at most 512 new tokens.
+
+`robust` extraction, in order:
 1. the first number after the last `The answer is` (the MetaMath / paper format; a colon is optional, case is
    ignored), or after the last `####` (GSM8K's own format);
 2. otherwise the last number anywhere in the completion;
@@ -15,16 +23,21 @@ script instead rounds the prediction to an integer and reads only the first grou
 
 from __future__ import annotations
 
+import math
 import re
+import unicodedata
 from fractions import Fraction
 from typing import Optional
 
 from ..prompts import format_prompt
-from .common import DataFormatError, EvaluationItem, TaskSpec
+from .common import DataFormatError, EvaluationItem, protocol_tasks
+from .protocols import ROBUST
 
 HUB_ID = "openai/gsm8k"
 HUB_CONFIG = "main"
-MAX_NEW_TOKENS = 512
+MAX_NEW_TOKENS = 512  # the authors' SamplingParams(max_tokens=512)
+# The row fields: the GSM8K release (`question`, `answer`) or MetaMath's GSM8K_test.jsonl the authors read.
+FIELD_NAMES = (("question", "answer"), ("query", "response"))
 ANSWER_MARKERS = re.compile(r"the answer is|####", re.IGNORECASE)
 
 # A sign counts only when it does not follow a word character or a closing bracket (so `16-3` is 16 and 3).
@@ -109,24 +122,108 @@ def judge(completion: str, gold: str) -> tuple[Optional[str], bool]:
     return extracted, extracted is not None and answers_match(extracted, gold)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The paper protocol: the authors' reading, rule for rule (their code is not copied; see the module docstring)
+
+PAPER_MARKER = "The answer is: "
+PAPER_NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")
+
+
+def _is_number(text: str) -> bool:
+    """Whether `text` reads as a float or is a single Unicode numeric character (the authors' `is_number`)."""
+    try:
+        float(text)
+        return True
+    except ValueError:
+        pass
+    try:
+        unicodedata.numeric(text)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def paper_extract_answer(completion: str) -> Optional[int]:
+    """The authors' answer: the first number after the last `The answer is: `, rounded to an integer, or None."""
+    parts = completion.split(PAPER_MARKER)
+    if len(parts) < 2:
+        return None
+    match = PAPER_NUMBER.search(parts[-1].strip())
+    if match is None:
+        return None
+    text = match.group().replace(",", "")
+    if "/" in text:
+        numerator, denominator = text.split("/")[0], text.split("/")[1]
+        if not (_is_number(numerator) and _is_number(denominator)):
+            return None
+        if denominator == "0":
+            return round(float(numerator))
+        value = Fraction(text)
+        return round(float(value.numerator / value.denominator))
+    value = float(text)
+    return None if math.isinf(value) else round(value)
+
+
+def paper_gold_answer(solution: str, where: str = "") -> int:
+    """The authors' gold number: the integer after the first `#### ` of the solution."""
+    parts = solution.split("#### ")
+    try:
+        return int(parts[1].replace(",", ""))
+    except (IndexError, ValueError) as error:
+        raise DataFormatError(
+            f"{where}: the GSM8K answer has no '#### <integer>' line; is this the GSM8K test set?"
+        ) from error
+
+
+def paper_judge(completion: str, gold: int) -> tuple[Optional[int], bool]:
+    """The authors' extracted answer and whether it equals the gold integer (`float(pred) == float(gold)`)."""
+    extracted = paper_extract_answer(completion)
+    return extracted, extracted is not None and float(extracted) == float(gold)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def row_fields(row: dict) -> tuple[str, str]:
+    """The question and worked solution of a row in either accepted format (see FIELD_NAMES)."""
+    for question, answer in FIELD_NAMES:
+        if question in row and answer in row:
+            return row[question], row[answer]
+    raise DataFormatError(f"a GSM8K row needs the fields {FIELD_NAMES[0]} or {FIELD_NAMES[1]}; it has {sorted(row)}.")
+
+
 def build_item(index: int, row: dict) -> EvaluationItem:
-    """The evaluation item of GSM8K row `index`: the question as the Alpaca instruction, the gold number."""
-    return EvaluationItem(
-        id=index, prompt=format_prompt(row["question"]), gold=gold_answer(row["answer"], f"row {index}")
-    )
+    """The robust item of GSM8K row `index`: the question as the Alpaca instruction, the gold number as text."""
+    question, solution = row_fields(row)
+    return EvaluationItem(id=index, prompt=format_prompt(question), gold=gold_answer(solution, f"row {index}"))
 
 
-TASK = TaskSpec(
+def build_paper_item(index: int, row: dict) -> EvaluationItem:
+    """The paper item of GSM8K row `index`: the authors' prompt (the Alpaca template) and their integer gold."""
+    question, solution = row_fields(row)
+    return EvaluationItem(id=index, prompt=format_prompt(question), gold=paper_gold_answer(solution, f"row {index}"))
+
+
+TASKS = protocol_tasks(
+    paper=(build_paper_item, lambda completion, item: paper_judge(completion, item.gold)),
+    robust=(build_item, lambda completion, item: judge(completion, item.gold)),
     name="gsm8k",
     default_data_file=HUB_ID,
     hub_config=HUB_CONFIG,
-    required_fields=("question", "answer"),
+    field_names=FIELD_NAMES,
     max_new_tokens=MAX_NEW_TOKENS,
-    build_item=build_item,
-    judge=lambda completion, item: judge(completion, item.gold),
 )
+TASK = TASKS[ROBUST]
 
 __all__ = [
+    "FIELD_NAMES",
+    "TASKS",
+    "build_paper_item",
+    "paper_extract_answer",
+    "paper_gold_answer",
+    "paper_judge",
+    "row_fields",
     "HUB_CONFIG",
     "HUB_ID",
     "MAX_NEW_TOKENS",

@@ -1,4 +1,11 @@
-"""MATH: prompts, gold answers (the last `\\boxed{}` of the reference solution) and `math-verify` comparison.
+"""MATH: prompts, gold answers (the last `\\boxed{}` of the reference solution) and answer comparison.
+
+Two protocols (see `protocols.py`) share the data (all 5,000 test problems: by default the seven subject configs
+of `EleutherAI/hendrycks_math`, or a local file with `problem`/`solution` or the authors' `instruction`/`output`)
+and the limit of 1,024 new tokens (the authors' `max_tokens=1024`). `paper` uses the authors' prompt (the Alpaca
+template followed by one space: `### Response: `), their ten stop strings and their string comparison
+(`math_paper.py`). `robust`, described below, uses the training template without that space, this project's two
+stop strings and math-verify.
 
 The gold answer is the content of the solution's last `\\boxed{...}` (or `\\fbox{...}`), parsed by math-verify as
 `$\\boxed{<gold>}$`. The completion's answer is the text after its last `The answer is` (the MetaMath / paper
@@ -16,16 +23,27 @@ import re
 from typing import Optional
 
 from ..prompts import format_prompt
-from .common import DataFormatError, EvaluationItem, TaskSpec
+from . import math_paper
+from .common import DataFormatError, EvaluationItem, protocol_tasks
+from .protocols import ROBUST
 
 logger = logging.getLogger(__name__)
 
-# Default: the 500-problem subset (same fields: problem, solution), the maintained MATH test set on the hub; the
-# old full-set id `hendrycks/competition_math` has been withdrawn. The paper's MetaMath protocol scores all 5,000
-# problems: pass a local copy with `--data_file` (JSON lines with `problem` and `solution`).
-HUB_ID = "HuggingFaceH4/MATH-500"
-HUB_CONFIG = None
-MAX_NEW_TOKENS = 512
+# Default: the full MATH test set (5,000 problems) as the seven subject configs of a maintained hub copy; the old
+# full-set id `hendrycks/competition_math` has been withdrawn. `--data_file` takes a local copy instead.
+HUB_ID = "EleutherAI/hendrycks_math"
+HUB_CONFIG = (
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+)
+MAX_NEW_TOKENS = 1024  # the authors' SamplingParams(max_tokens=1024)
+# The row fields: Hendrycks' release (`problem`, `solution`) or MetaMath's MATH_test.jsonl the authors read.
+FIELD_NAMES = (("problem", "solution"), ("instruction", "output"))
 ANSWER_MARKER = re.compile(r"the answer is\s*:?", re.IGNORECASE)
 BOX_COMMANDS = ("\\boxed", "\\fbox")
 # The answer text is already LaTeX math when it has an unescaped `$`, `\boxed`, `\(` or `\[`.
@@ -151,24 +169,43 @@ def is_equivalent(gold: str, completion: str) -> bool:
     return judge(completion, gold)[1]
 
 
+def row_fields(row: dict) -> tuple[str, str]:
+    """The problem and reference solution of a row in either accepted format (see FIELD_NAMES)."""
+    for problem, solution in FIELD_NAMES:
+        if problem in row and solution in row:
+            return row[problem], row[solution]
+    raise DataFormatError(f"a MATH row needs the fields {FIELD_NAMES[0]} or {FIELD_NAMES[1]}; it has {sorted(row)}.")
+
+
 def build_item(index: int, row: dict) -> EvaluationItem:
-    """The evaluation item of MATH row `index`: the problem as the Alpaca instruction, the boxed gold answer."""
-    return EvaluationItem(
-        id=index, prompt=format_prompt(row["problem"]), gold=gold_answer(row["solution"], f"row {index}")
-    )
+    """The robust item of MATH row `index`: the problem as the Alpaca instruction, the boxed gold answer."""
+    problem, solution = row_fields(row)
+    return EvaluationItem(id=index, prompt=format_prompt(problem), gold=gold_answer(solution, f"row {index}"))
 
 
-TASK = TaskSpec(
+def build_paper_item(index: int, row: dict) -> EvaluationItem:
+    """The paper item of MATH row `index`: the authors' prompt (`### Response: `, one trailing space), their gold."""
+    problem, solution = row_fields(row)
+    return EvaluationItem(id=index, prompt=format_prompt(problem) + " ", gold=math_paper.gold_answer(solution))
+
+
+TASKS = protocol_tasks(
+    paper=(build_paper_item, lambda completion, item: math_paper.judge(completion, item.gold)),
+    robust=(build_item, lambda completion, item: judge(completion, item.gold)),
     name="math",
     default_data_file=HUB_ID,
     hub_config=HUB_CONFIG,
-    required_fields=("problem", "solution"),
+    field_names=FIELD_NAMES,
     max_new_tokens=MAX_NEW_TOKENS,
-    build_item=build_item,
-    judge=lambda completion, item: judge(completion, item.gold),
 )
+TASK = TASKS[ROBUST]
 
 __all__ = [
+    "FIELD_NAMES",
+    "HUB_CONFIG",
+    "TASKS",
+    "build_paper_item",
+    "row_fields",
     "HUB_ID",
     "MAX_NEW_TOKENS",
     "TASK",

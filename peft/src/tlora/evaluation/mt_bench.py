@@ -18,12 +18,18 @@ prompt, answers at temperature 0, and its rating is read from `[[rating]]` (else
 The score is the mean of all valid ratings of both turns (as FastChat's `show_result.py`); ratings of -1 are
 excluded and counted.
 
+Judgments are stored beside the answers they judge (`X_answers.jsonl` -> `X_judgments.jsonl`), each with the SHA-256
+`digest` of everything the judge sees (the judge model, the judge prompt, and the system and user messages, which
+hold the questions, the answers and the reference answers). A stored judgment is reused only when its digest is
+the digest of the judgment asked for, so a changed answer, reference, prompt or judge is judged again.
+
 Questions, judge prompts and reference answers come from paths the user gives; the defaults are FastChat's
 published files, downloaded once into `~/.cache/tlora/fastchat` (the `fschat` wheel does not ship them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,7 +43,8 @@ from typing import Any, Optional
 
 from ..prompts import format_prompt
 from .common import DataFormatError, read_jsonl, write_jsonl
-from .judge import JudgeClient, parse_rating
+from .judge import DEFAULT_JUDGE_MODEL, JudgeClient, parse_rating
+from .protocols import PAPER, data_record
 
 logger = logging.getLogger(__name__)
 
@@ -290,9 +297,16 @@ def judge_messages(match: SingleMatch) -> tuple[list[dict], str]:
     return messages, user_prompt
 
 
+def judgment_digest(match: SingleMatch, judge_model: str) -> str:
+    """The SHA-256 of everything the judge sees for `match`: judge model, judge prompt, system and user messages."""
+    messages, _ = judge_messages(match)
+    content = {"judge_model": judge_model, "judge_prompt": match.judge_prompt, "messages": messages}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def judge_match(match: SingleMatch, client: JudgeClient) -> dict:
     """One judgment in FastChat's single-judgment format (question_id, model, judge, user_prompt, judgment, score,
-    turn, tstamp)."""
+    turn, tstamp), plus the `digest` of what the judge saw."""
     messages, user_prompt = judge_messages(match)
     judgment = client.complete(messages)
     return {
@@ -304,12 +318,19 @@ def judge_match(match: SingleMatch, client: JudgeClient) -> dict:
         "score": parse_rating(judgment),
         "turn": match.turn,
         "tstamp": time.time(),
+        "digest": judgment_digest(match, client.settings.model),
     }
 
 
-def _judgment_key(row: Mapping) -> tuple:
-    """What identifies a judgment (for resuming): question, turn, model and judge."""
-    return row["question_id"], row["turn"], row.get("model"), tuple(row["judge"])
+def stored_judgments(judgment_file: Optional[str]) -> dict[str, dict]:
+    """Valid judgments of `judgment_file` keyed by digest (rows without a digest or a rating are not reused)."""
+    if judgment_file is None or not os.path.isfile(judgment_file):
+        return {}
+    rows = read_jsonl(judgment_file)
+    undigested = sum("digest" not in row for row in rows)
+    if undigested:
+        logger.info("%s: %d judgments without a digest (an older format) are not reused", judgment_file, undigested)
+    return {row["digest"]: row for row in rows if "digest" in row and row.get("score", -1) != -1}
 
 
 def judge_answers(
@@ -322,27 +343,18 @@ def judge_answers(
 ) -> list[dict]:
     """Judge every match (`parallel` calls at a time), appending each judgment to `judgment_file` as it arrives.
 
-    Valid judgments already in `judgment_file` for the same question, turn, model and judge are reused.
+    A valid judgment already in `judgment_file` is reused when its digest matches (see the module docstring).
     """
     from tqdm.auto import tqdm
 
-    done: dict[tuple, dict] = {}
-    if judgment_file is not None and os.path.isfile(judgment_file):
-        for row in read_jsonl(judgment_file):
-            if row.get("score", -1) != -1:
-                done[_judgment_key(row)] = row
+    done = stored_judgments(judgment_file)
     lock = threading.Lock()
     results: list[Optional[dict]] = [None] * len(matches)
     todo = []
     for index, match in enumerate(matches):
-        key = (
-            match.question["question_id"],
-            match.turn,
-            match.answer.get("model_id"),
-            (client.settings.model, match.judge_prompt["name"]),
-        )
-        if key in done:
-            results[index] = done[key]
+        digest = judgment_digest(match, client.settings.model)
+        if digest in done:
+            results[index] = done[digest]
         else:
             todo.append(index)
     if len(todo) < len(matches):
@@ -425,6 +437,11 @@ def run_judgment(
         )
     model_ids = sorted({str(row["model"]) for row in records})
     result: dict[str, Any] = {"task": "mt_bench", **summary}
+    # The paper's protocol is FastChat's single grading with the paper's judge, GPT-4; any other judge gives a number
+    # of its own, named by the judge model.
+    judge_model = client.settings.model
+    result["protocol"] = PAPER if judge_model == DEFAULT_JUDGE_MODEL else f"judge:{judge_model}"
+    result["data"] = data_record(question_file, len(questions), "mt_bench", subset=limit is not None)
     result.update(
         judge_model=client.settings.model,
         judge_base_url=client.settings.base_url,
@@ -448,6 +465,10 @@ def run_judgment(
     return result
 
 
+ANSWERS_SUFFIX = "_answers.jsonl"
+JUDGMENTS_SUFFIX = "_judgments.jsonl"
+
+
 def default_files(model: Optional[str]) -> dict[str, str]:
     """Default paths: `<model dir>/eval/mt_bench{.json,_answers.jsonl,_judgments.jsonl}` for a local model, else the
     same names as `./eval_mt_bench*` in the current folder."""
@@ -455,12 +476,31 @@ def default_files(model: Optional[str]) -> dict[str, str]:
 
     output = default_output_path("mt_bench", model)
     stem = output[: -len(".json")]
-    return {"output": output, "answers": stem + "_answers.jsonl", "judgments": stem + "_judgments.jsonl"}
+    return {"output": output, "answers": stem + ANSWERS_SUFFIX, "judgments": stem + JUDGMENTS_SUFFIX}
+
+
+def files_beside_answers(answer_file: str) -> dict[str, str]:
+    """The judgments file and result JSON that belong to an answer file: `X_answers.jsonl` -> `X_judgments.jsonl`
+    and `X.json` (other names get `_judgments.jsonl` / `_mt_bench.json` after their stem)."""
+    path = os.path.abspath(os.path.expanduser(answer_file))
+    if path.endswith(ANSWERS_SUFFIX):
+        stem = path[: -len(ANSWERS_SUFFIX)]
+        return {"judgments": stem + JUDGMENTS_SUFFIX, "output": stem + ".json"}
+    stem = os.path.splitext(path)[0]
+    return {"judgments": stem + JUDGMENTS_SUFFIX, "output": stem + "_mt_bench.json"}
 
 
 def default_model_id(model: str) -> str:
-    """A model id for the answer file: the model folder's name (or the hub id's last part)."""
-    return os.path.basename(os.path.normpath(os.path.expanduser(model))) or "model"
+    """A model id for the answer file: the model folder's name, with its run folder's name when the folder is a
+    copy inside a run (`RUN/merged` -> `RUN/merged`), or the hub id's last part."""
+    from .common import RUN_RECORD_NAME
+
+    path = os.path.normpath(os.path.expanduser(model))
+    name = os.path.basename(path) or "model"
+    parent = os.path.dirname(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(parent, RUN_RECORD_NAME)):
+        return f"{os.path.basename(parent)}/{name}"
+    return name
 
 
 __all__ = [
@@ -474,6 +514,9 @@ __all__ = [
     "conversation_prompt",
     "default_files",
     "default_model_id",
+    "files_beside_answers",
+    "judgment_digest",
+    "stored_judgments",
     "generate_answers",
     "judge_answers",
     "judge_match",

@@ -1,4 +1,4 @@
-"""The paper's results tables from run directories: `python -m tlora.report RUN_DIR... [--output table.json]`.
+"""The paper's results tables from run directories: `python -m tlora.evaluation.report RUN_DIR... [--output F]`.
 
 Each RUN_DIR holds the training record `run_record.json` (method, base model, trainable parameters) and evaluation
 JSON files, in RUN_DIR itself or in RUN_DIR/eval/: any JSON object with a `"task"` and a headline `"accuracy"`
@@ -6,6 +6,12 @@ JSON files, in RUN_DIR itself or in RUN_DIR/eval/: any JSON object with a `"task
 Runs of the same method on the same base model share one row (the paper trains one run per task family), so a
 method's math run and code run fill GSM8K/MATH and HumanEval/MBPP of the same row. Percentages are printed with two
 decimals as in the paper; `--with_paper` puts the paper's numbers (Llama-2-7B) under each of our rows.
+
+Every number is printed with its protocol (`paper`, `robust`, ... or `unrecorded` for files written before
+protocols were recorded), its item count, a subset mark, and for code the tests its `pass@1` counts; a Sources
+section lists each number's data source. A column whose rows used different protocols says so in its header and in
+a note. `--with_paper` shows a paper number under ours only where ours was measured with the `paper` protocol on the
+full test set; elsewhere it shows `n/c` (not comparable) and the protocol ours used.
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .protocols import PAPER, UNRECORDED
+
 logger = logging.getLogger(__name__)
 
 RUN_RECORD_NAME = "run_record.json"
 HEADLINE_KEYS = ("accuracy", "pass@1", "score")
 MISSING = "–"
+# How a code result's tests are named beside its number (`pass@1` counts the base tests either way).
+TESTS_LABELS = {"evalplus base+plus": "EvalPlus base", "original asserts": "original asserts"}
 
 # Main table: column title, evaluation task, headline key, whether the value is a fraction printed as a percentage.
 MAIN_COLUMNS: tuple[tuple[str, str, str, bool], ...] = (
@@ -116,6 +126,31 @@ class EvaluationEntry:
     path: str
     num_items: Optional[int] = None
     tasks: Optional[dict] = None  # commonsense per-task results
+    protocol: str = UNRECORDED
+    data: dict = field(default_factory=dict)  # source, num_items, expected_items, subset
+    tests: Optional[str] = None  # code: which tests `pass@1` counts
+
+    @property
+    def subset(self) -> bool:
+        """Whether the number covers only part of the test set."""
+        return bool(self.data.get("subset"))
+
+    @property
+    def comparable_with_paper(self) -> bool:
+        """Whether the number was measured as the paper's are: the paper protocol on the full test set."""
+        return self.protocol == PAPER and not self.subset
+
+    def annotation(self) -> str:
+        """What is printed beside the number: protocol, the tests behind a code score, item count, subset."""
+        parts = [self.protocol]
+        if self.tests:
+            parts.append(TESTS_LABELS.get(self.tests, self.tests))
+        count = self.data.get("num_items", self.num_items)
+        if count is not None:
+            parts.append(f"n={count}")
+        if self.subset:
+            parts.append("subset")
+        return ", ".join(parts)
 
 
 @dataclass
@@ -167,6 +202,9 @@ def find_evaluations(run_dir: str) -> dict[str, EvaluationEntry]:
             path=path,
             num_items=data.get("num_items"),
             tasks=data.get("tasks") if isinstance(data.get("tasks"), dict) else None,
+            protocol=str(data.get("protocol") or UNRECORDED),
+            data=data.get("data") if isinstance(data.get("data"), dict) else {},
+            tests=data.get("tests") if isinstance(data.get("tests"), str) else None,
         )
     return found
 
@@ -222,6 +260,17 @@ def _group_runs(runs: Sequence[RunResults], tasks: set[str]) -> list[dict]:
     return list(rows.values())
 
 
+def _row_identity(row: dict) -> dict:
+    """The JSON fields that name a row: method, base model, trainable parameters, runs."""
+    return {
+        "method": row["method"],
+        "base_model": row["base_model"],
+        "trainable_parameters": row["trainable_parameters"],
+        "trainable_parameters_text": _parameters_cell(row["trainable_parameters"]),
+        "runs": row["runs"],
+    }
+
+
 def _parameters_cell(counts: list[int]) -> str:
     """The parameter cell of a row (several values when the merged runs differ, e.g. per-task TLoRA plans)."""
     return " / ".join(format_parameters(count) for count in counts) if counts else MISSING
@@ -234,57 +283,110 @@ def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def main_table(runs: Sequence[RunResults], with_paper: bool = False) -> tuple[str, list[dict]]:
-    """The math / code / chat table (Markdown) and its rows as JSON-ready dicts."""
+def _cell(entry: Optional[EvaluationEntry], as_percentage: bool) -> str:
+    """A table cell: the number and, beside it, how it was measured."""
+    if entry is None:
+        return MISSING
+    return f"{_format_value(entry.value, as_percentage)} ({entry.annotation()})"
+
+
+def _entry_json(entry: EvaluationEntry) -> dict:
+    """The JSON form of one number with how it was measured."""
+    return {
+        "metric": entry.metric,
+        "value": entry.value,
+        "num_items": entry.num_items,
+        "protocol": entry.protocol,
+        "data": entry.data,
+        "tests": entry.tests,
+        "comparable_with_paper": entry.comparable_with_paper,
+        "file": entry.path,
+    }
+
+
+def column_protocols(rows: Sequence[dict], task: str) -> dict[str, list[str]]:
+    """The protocols used in one column, each with the methods that used it."""
+    protocols: dict[str, list[str]] = {}
+    for row in rows:
+        if task in row["results"]:
+            protocols.setdefault(row["results"][task].protocol, []).append(row["method"])
+    return protocols
+
+
+def main_table(runs: Sequence[RunResults], with_paper: bool = False) -> tuple[str, list[dict], list[str]]:
+    """The math / code / chat table (Markdown), its rows as JSON-ready dicts, and notes on comparability."""
     rows = _group_runs(runs, {task for _, task, _, _ in MAIN_COLUMNS})
-    header = ["Method", "Trainable Params"] + [title for title, _, _, _ in MAIN_COLUMNS]
+    header = ["Method", "Trainable Params"]
+    notes = []
+    for title, task, _, _ in MAIN_COLUMNS:
+        protocols = column_protocols(rows, task)
+        if len(protocols) > 1:
+            header.append(f"{title} (mixed protocols)")
+            used = "; ".join(f"{name} ({', '.join(methods)})" for name, methods in protocols.items())
+            notes.append(f"{title}: the rows use different protocols, {used}; they are not comparable.")
+        else:
+            header.append(title)
     body, data = [], []
     used_paper = set()
     for row in rows:
-        values = {
-            task: (row["results"][task].value if task in row["results"] else None) for _, task, _, _ in MAIN_COLUMNS
-        }
+        results = {task: row["results"].get(task) for _, task, _, _ in MAIN_COLUMNS}
         body.append(
             [row["method"], _parameters_cell(row["trainable_parameters"])]
-            + [_format_value(values[task], percent) for _, task, _, percent in MAIN_COLUMNS]
+            + [_cell(results[task], percent) for _, task, _, percent in MAIN_COLUMNS]
         )
         data.append(
             {
-                "method": row["method"],
-                "base_model": row["base_model"],
-                "trainable_parameters": row["trainable_parameters"],
-                "trainable_parameters_text": _parameters_cell(row["trainable_parameters"]),
-                "runs": row["runs"],
-                "results": {
-                    task: {
-                        "metric": entry.metric,
-                        "value": entry.value,
-                        "num_items": entry.num_items,
-                        "file": entry.path,
-                    }
-                    for task, entry in row["results"].items()
-                },
+                **_row_identity(row),
+                "results": {task: _entry_json(entry) for task, entry in row["results"].items()},
                 "source": "ours",
             }
         )
         if with_paper and row["method"] in PAPER_RESULTS:
-            body.append(_paper_cells(row["method"]))
+            body.append(_paper_cells(row["method"], row["results"]))
             used_paper.add(row["method"])
     if with_paper:
         for method in PAPER_RESULTS:
             if method not in used_paper:
                 body.append(_paper_cells(method))
         data += [
-            {"method": method, "base_model": PAPER_BASE_MODEL, "source": "paper", **values}
+            {"method": method, "base_model": PAPER_BASE_MODEL, "source": "paper", "protocol": PAPER, **values}
             for method, values in PAPER_RESULTS.items()
         ]
-    return markdown_table(header, body), data
+    return markdown_table(header, body), data, notes
 
 
-def _paper_cells(method: str) -> list[str]:
-    """A table row with the paper's numbers for `method`."""
+def _paper_cells(method: str, ours: Optional[dict] = None) -> list[str]:
+    """A table row with the paper's numbers for `method`; beside our row, only where ours is comparable."""
     paper = PAPER_RESULTS[method]
-    return [f"{method} (paper)", paper["params"]] + [f"{paper[task]:.2f}" for _, task, _, _ in MAIN_COLUMNS]
+    cells = [f"{method} (paper)", paper["params"]]
+    for _, task, _, _ in MAIN_COLUMNS:
+        entry = (ours or {}).get(task)
+        if entry is None or entry.comparable_with_paper:
+            cells.append(f"{paper[task]:.2f}")
+        else:
+            cells.append(f"n/c (ours: {entry.protocol}{', subset' if entry.subset else ''})")
+    return cells
+
+
+def sources_section(rows: Sequence[dict]) -> str:
+    """One line per number of ours: its protocol, data source and item count, and its file."""
+    lines = []
+    titles = {task: title for title, task, _, _ in MAIN_COLUMNS}
+    for row in rows:
+        if row.get("source") != "ours":
+            continue
+        for task, entry in row["results"].items():
+            data = entry["data"]
+            expected = data.get("expected_items")
+            count = data.get("num_items", entry["num_items"])
+            items = f"{count} of {expected} items" if expected else f"{count} items"
+            tests = f"; tests: {entry['tests']}" if entry["tests"] else ""
+            lines.append(
+                f"- {row['method']}, {titles.get(task, task)}: protocol {entry['protocol']}; data "
+                f"{data.get('source', 'unrecorded')}, {items}{', subset' if data.get('subset') else ''}{tests} "
+                f"({entry['file']})"
+            )
+    return "\n".join(lines)
 
 
 def commonsense_table(runs: Sequence[RunResults]) -> tuple[str, list[dict]]:
@@ -296,7 +398,8 @@ def commonsense_table(runs: Sequence[RunResults]) -> tuple[str, list[dict]]:
         entry = row["results"]["commonsense"]
         per_task = {task: values.get("accuracy") for task, values in (entry.tasks or {}).items()}
         complete = all(per_task.get(task) is not None for _, task in COMMONSENSE_COLUMNS)
-        average = _format_value(entry.value, True) + ("" if complete else f" ({len(per_task)}/8)")
+        coverage = "" if complete else f", {len(per_task)}/8"
+        average = f"{_format_value(entry.value, True)} ({entry.annotation()}{coverage})"
         body.append(
             [row["method"], _parameters_cell(row["trainable_parameters"])]
             + [_format_value(per_task.get(task), True) for _, task in COMMONSENSE_COLUMNS]
@@ -304,14 +407,12 @@ def commonsense_table(runs: Sequence[RunResults]) -> tuple[str, list[dict]]:
         )
         data.append(
             {
-                "method": row["method"],
-                "base_model": row["base_model"],
-                "trainable_parameters": row["trainable_parameters"],
-                "trainable_parameters_text": _parameters_cell(row["trainable_parameters"]),
-                "runs": row["runs"],
+                **_row_identity(row),
                 "tasks": per_task,
                 "average": entry.value,
                 "complete": complete,
+                "protocol": entry.protocol,
+                "data": entry.data,
                 "file": entry.path,
             }
         )
@@ -321,21 +422,38 @@ def commonsense_table(runs: Sequence[RunResults]) -> tuple[str, list[dict]]:
 def build_report(run_dirs: Sequence[str], with_paper: bool = False) -> dict:
     """Both tables for these run directories: Markdown text and JSON-ready rows."""
     runs = [read_run(run_dir) for run_dir in run_dirs]
-    main_markdown, main_rows = main_table(runs, with_paper=with_paper)
+    main_markdown, main_rows, notes = main_table(runs, with_paper=with_paper)
     sections = ["## Math, code and chat\n\n" + main_markdown]
     commonsense_markdown, commonsense_rows = commonsense_table(runs)
     if commonsense_rows:
         sections.append("## Commonsense reasoning (accuracy %)\n\n" + commonsense_markdown)
-    notes = "GSM8K, MATH, HumanEval, MBPP: % (pass@1 for code); MT-Bench: GPT-4 judge score (1-10)."
+    legend = (
+        "GSM8K, MATH, HumanEval, MBPP: % (pass@1 for code); MT-Bench: judge score (1-10). Beside each number: its "
+        "protocol, for code the tests pass@1 counts, the item count n, and `subset` when it covers part of the set."
+    )
     if with_paper:
-        notes += " Rows marked (paper) are the paper's Llama-2-7B numbers."
-    markdown = "\n\n".join(sections) + "\n\n" + notes + "\n"
-    return {"main": main_rows, "commonsense": commonsense_rows, "markdown": markdown, "run_dirs": list(run_dirs)}
+        legend += (
+            " Rows marked (paper) are the paper's Llama-2-7B numbers; n/c marks a column where ours was not measured "
+            "with the paper protocol on the full test set."
+        )
+    sources = sources_section(main_rows)
+    markdown = "\n\n".join(sections) + "\n\n" + legend + "\n"
+    if notes:
+        markdown += "\n" + "\n".join(f"**Not comparable:** {note}" for note in notes) + "\n"
+    if sources:
+        markdown += "\n### Sources\n\n" + sources + "\n"
+    return {
+        "main": main_rows,
+        "commonsense": commonsense_rows,
+        "notes": notes,
+        "markdown": markdown,
+        "run_dirs": list(run_dirs),
+    }
 
 
 @dataclass
 class ReportArguments:
-    """Arguments of `python -m tlora.report`."""
+    """Arguments of `python -m tlora.evaluation.report`."""
 
     run_dirs: list[str] = field(
         default_factory=list,
@@ -350,7 +468,7 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> ReportArguments:
     """Run directories are positional; the rest are HfArgumentParser options."""
     from transformers import HfArgumentParser
 
-    from .evaluation.common import HelpFormatter
+    from .common import HelpFormatter
 
     parser = HfArgumentParser(ReportArguments, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("positional_run_dirs", nargs="*", metavar="RUN_DIR", help="Run directories to tabulate.")
