@@ -8,15 +8,14 @@ import pytest
 import torch
 
 from tlora.prompts import format_prompt
+from tlora.rows import DataFormatError, load_rows
 from tlora.training.data import (
     IGNORE_INDEX,
-    DataFormatError,
     InstructionFields,
     PaddingCollator,
     build_instruction_dataset,
     calibration_indices,
     draw_calibration_set,
-    load_rows,
     tokenize_instructions,
 )
 from training_helpers import SAMPLE_COMMONSENSE, SAMPLE_MATH, SAMPLE_NLU
@@ -128,23 +127,23 @@ def test_missing_field_names_file_row_and_fields_present(tmp_path, byte_tokenize
     with pytest.raises(DataFormatError) as error:
         build_instruction_dataset(load_rows(str(path)), InstructionFields("query", "response"), byte_tokenizer, 64)
     message = str(error.value)
-    assert str(path) in message and "row 1 (line 3)" in message
+    assert str(path) in message and "line 3 (row 1)" in message
     assert "'query'" in message and "['answer', 'question']" in message and "--dataset_field" in message
 
 
 def test_malformed_rows_give_errors_that_point_at_them(tmp_path):
     bad_line = tmp_path / "bad.jsonl"
     bad_line.write_text('{"query": "a", "response": "b"}\n{"query": "a", "response": \n')
-    with pytest.raises(DataFormatError, match=r"bad\.jsonl: row 1 \(line 2\) is not valid JSON"):
+    with pytest.raises(DataFormatError, match=r"bad\.jsonl, line 2 \(row 1\): not valid JSON"):
         load_rows(str(bad_line))
     not_text = tmp_path / "numbers.json"
     not_text.write_text(json.dumps([{"query": "a", "response": "b"}, {"query": "c", "response": 42}]))
-    with pytest.raises(DataFormatError, match=r"numbers\.json: row 1: field 'response' is int 42, expected text"):
+    with pytest.raises(DataFormatError, match=r"numbers\.json, row 1: field 'response' is int 42, expected text"):
         build_instruction_dataset(load_rows(str(not_text)), InstructionFields("query", "response"), None, 64)
     not_object = tmp_path / "list.json"
     not_object.write_text(json.dumps([["query", "response"]]))
-    with pytest.raises(DataFormatError, match=r"list\.json: row 0 is a list, not an object"):
-        build_instruction_dataset(load_rows(str(not_object)), InstructionFields("query", "response"), None, 64)
+    with pytest.raises(DataFormatError, match=r"list\.json, row 0: expected a JSON object, got a list"):
+        load_rows(str(not_object))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_rows(str(tmp_path / "missing.jsonl"))
 
