@@ -143,3 +143,51 @@ def test_ranks_with_different_A_stop_before_training(tiny_model_dir, tmp_path):
     )
     for rank in range(2):
         assert "ranks disagree on the TLoRA plan and A" in report.with_suffix(f".{rank}").read_text()
+
+
+def baseline_arguments(model_dir: Path, output_dir: Path, method: str) -> list[str]:
+    """A 3-step run of `method` under ZeRO-2 on two ranks with 2 accumulation steps (global batch 8)."""
+    return [
+        "--deepspeed", str(DS_CONFIG),
+        "--base_model", str(model_dir),
+        "--data_path", str(SAMPLE_MATH),
+        "--method", method,
+        "--lora_r", "4",
+        "--lora_alpha", "8",
+        "--global_batch_size", "8",
+        "--per_device_train_batch_size", "2",
+        "--max_steps", "3",
+        "--learning_rate", "1e-3",
+        "--adalora_delta_t", "1",
+        "--loraplus_lr_ratio", "16",
+        "--logging_steps", "1",
+        "--save_strategy", "no",
+        "--disable_tqdm", "true",
+        "--output_dir", str(output_dir),
+    ]
+
+
+@pytest.mark.parametrize("method", ["adalora", "loraplus"])
+def test_adalora_and_loraplus_train_on_two_ranks(method, deepspeed_ready, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    output_dir = tmp_path / method
+    command = deepspeed_command(2, "math_train.py", baseline_arguments(tiny_model_dir, output_dir, method))
+    run_command(command, LAUNCH_TIMEOUT, log=tmp_path / f"{method}.log")
+    record = read_run_record(output_dir)
+    assert record["status"] == "finished" and record["global_step"] == 3 and record["world_size"] == 2
+    assert record["arguments"]["training"]["gradient_accumulation_steps"] == 2
+    assert record["arguments"]["method"]["global_batch_size"] == 8
+    adapter = load_file(str(output_dir / "adapter_model.safetensors"))
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    if method == "adalora":
+        assert record["method_details"]["orth_reg_weight"] == 0.5
+        kept = [sum(mask) for mask in config["rank_pattern"].values()]
+        assert len(kept) == 14 and sum(kept) < 4 * 14  # the budget was allocated under ZeRO-2
+        pruned = [k for k in adapter if "lora_E" in k and (adapter[k] == 0).any()]
+        assert pruned, "the pruned singular values are zero in the saved adapter"
+    else:
+        # LoRA+'s optimizer under ZeRO-2 (the Trainer's, as no 'optimizer' block replaces it): B at 16 x the lr of A
+        assert record["method_details"]["loraplus_lr_ratio"] == 16
+        assert {1e-3, 16e-3} <= set(record["optimizer_learning_rates"])
+        assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)

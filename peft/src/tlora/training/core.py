@@ -495,6 +495,7 @@ def train(
         global_step=trainer.state.global_step,
         train_loss=result.training_loss,
         train_metrics=result.metrics,
+        optimizer_learning_rates=sorted({group.get("initial_lr", group["lr"]) for group in trainer.optimizer.param_groups}),
     )
     if data.evaluation is not None:
         record["eval_metrics"] = trainer.evaluate()
