@@ -177,24 +177,13 @@ def test_loraplus_refuses_a_deepspeed_optimizer_block(tiny_model_dir, tmp_path):
 
 def _rank_pattern_on_rank(rank: int, world_size: int, port: int, differ: bool, report: str) -> None:
     """One rank of a gloo group that checks an EVA rank pattern (rank 1's differs when `differ`)."""
-    import torch.distributed as dist
-
     from tlora.training.methods import check_rank_pattern_across_ranks
+    from training_helpers import report_on_gloo_rank
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        pattern = {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.mlp.up_proj": 4}
-        if differ and rank == 1:
-            pattern["model.layers.0.mlp.up_proj"] = 5
-        try:
-            check_rank_pattern_across_ranks(pattern, "EVA")
-            message = "agreed"
-        except RuntimeError as error:
-            message = str(error)
-        Path(report).with_suffix(f".{rank}").write_text(message)
-    finally:
-        dist.destroy_process_group()
+    pattern = {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.mlp.up_proj": 4}
+    if differ and rank == 1:
+        pattern["model.layers.0.mlp.up_proj"] = 5
+    report_on_gloo_rank(rank, world_size, port, report, lambda: check_rank_pattern_across_ranks(pattern, "EVA"), "agreed")
 
 
 @pytest.mark.parametrize("differ", [False, True])

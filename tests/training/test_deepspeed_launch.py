@@ -93,29 +93,20 @@ def test_a_resumed_two_rank_run_keeps_A_and_finishes_like_the_uninterrupted_one(
 
 def _resume_on_rank(rank: int, world_size: int, port: int, model_dir: str, directories: list[str], report: str) -> None:
     """One rank of a process group that rebuilds a TLoRA adapter from its own output folder."""
-    import torch.distributed as dist
     from peft import TaskType
     from transformers import AutoModelForCausalLM
 
     from tlora.training.core import parse_training_arguments
     from tlora.training.methods import MethodContext, build_method
-    from training_helpers import load_task
+    from training_helpers import load_task, report_on_gloo_rank
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    def rebuild() -> None:
         arguments = ["--base_model", model_dir, "--method", "tlora", "--lora_r", "4", "--lora_alpha", "8", "--output_dir", directories[rank]]
         _, _, method_args, training_args = parse_training_arguments(load_task("math_train.py"), arguments)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
-        context = MethodContext(model, method_args, training_args, TaskType.CAUSAL_LM, None, Path(directories[rank]), 1, resume=True)
-        try:
-            build_method(context)
-            message = "built"
-        except RuntimeError as error:
-            message = str(error)
-        Path(report).with_suffix(f".{rank}").write_text(message)
-    finally:
-        dist.destroy_process_group()
+        build_method(MethodContext(model, method_args, training_args, TaskType.CAUSAL_LM, None, Path(directories[rank]), 1, resume=True))
+
+    report_on_gloo_rank(rank, world_size, port, report, rebuild, "built")
 
 
 def test_ranks_with_different_A_stop_before_training(tiny_model_dir, tmp_path):
@@ -184,8 +175,8 @@ def test_adalora_and_loraplus_train_on_two_ranks(method, deepspeed_ready, tiny_m
         assert record["method_details"]["orth_reg_weight"] == 0.5
         kept = [sum(mask) for mask in config["rank_pattern"].values()]
         assert len(kept) == 14 and sum(kept) < 4 * 14  # the budget was allocated under ZeRO-2
-        pruned = [k for k in adapter if "lora_E" in k and (adapter[k] == 0).any()]
-        assert pruned, "the pruned singular values are zero in the saved adapter"
+        saved = sum(adapter[k].shape[0] for k in adapter if "lora_E" in k)
+        assert saved == sum(kept)  # PEFT saves only the singular values the budget kept
     else:
         # LoRA+'s optimizer under ZeRO-2 (the Trainer's, as no 'optimizer' block replaces it): B at 16 x the lr of A
         assert record["method_details"]["loraplus_lr_ratio"] == 16

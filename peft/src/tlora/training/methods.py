@@ -8,19 +8,21 @@ callbacks) and what the final save needs (the initial adapter of methods that mo
 |----------|-------------------------------------------------------------------------------------------------|
 | full     | every parameter trains                                                                          |
 | lora     | `LoraConfig`                                                                                    |
-| adalora  | `AdaLoraConfig`; `update_and_allocate` every optimizer step from `AdaLoraCallback`              |
-| loraplus | `LoraConfig` + `peft.optimizers.create_loraplus_optimizer`                                      |
+| adalora  | `AdaLoraConfig`; `update_and_allocate` every step, regulariser weight kept (see `adalora.py`)   |
+| loraplus | `LoraConfig` + `peft.optimizers.create_loraplus_optimizer` (no DeepSpeed `optimizer` block)     |
 | dora     | `LoraConfig(use_dora=True)`                                                                     |
 | olora    | `LoraConfig(init_lora_weights="olora")`              (modifies the base weights)               |
 | pissa    | `LoraConfig(init_lora_weights="pissa" / "pissa_niter_N")` (modifies the base weights)          |
 | loraga   | `LoraGAConfig` + `preprocess_loraga`, calibration set (modifies the base weights)              |
-| corda    | `CordaConfig` + `preprocess_corda`, calibration set at batch size 1 (modifies the base weights) |
-| eva      | `EvaConfig` + `initialize_lora_eva_weights`, calibration set, bounded number of passes          |
+| corda    | `CordaConfig` + `preprocess_corda` on rank 0, batch size 1, no padding (modifies the base)      |
+| eva      | `EvaConfig` + `initialize_lora_eva_weights`, bounded passes, ranks checked against rank 0       |
 | tlora    | `tlora.get_tlora_model`, calibration set; `A` frozen                                            |
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -32,7 +34,18 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import TrainingArguments
 
-from .. import distributed
+from .. import (
+    TLoRAConfig,
+    TLoRAPlan,
+    apply_plan,
+    distributed,
+    find_target_modules,
+    format_plan_table,
+    get_tlora_model,
+    write_plan_reports,
+)
+from ..initialization import digest_lora_A
+from ..statistics import weight_fingerprint
 from ..constants import INITIAL_ADAPTER_DIR, PLAN_FILE, TLORA_INIT_FILE
 from .adalora import AdaLoraCallback, OrthogonalRegulariserScale, adalora_schedule
 from .arguments import MethodArguments
@@ -263,8 +276,6 @@ def build_loraga(context: MethodContext) -> BuiltMethod:
 def share_corda_eigens(model: torch.nn.Module, config: LoraConfig) -> str:
     """Give every rank rank 0's CorDA eigens (`S`, `U`, `V` of each target module, already cropped to the rank) and
     return their digest; the other ranks receive them in place of computing them."""
-    import hashlib
-
     from peft.tuners.lora.corda import CordaEigens, target_modules
 
     rank, _ = distributed.rank_and_world_size()
@@ -344,8 +355,6 @@ class _BoundedEvaForward:
 
 def check_rank_pattern_across_ranks(rank_pattern: dict[str, int], method: str) -> None:
     """Raise on every rank unless each rank's rank pattern is rank 0's, naming the modules that differ here."""
-    import json
-
     reference = distributed.broadcast_json(rank_pattern, src=0)
     differing = sorted(name for name in set(rank_pattern) | set(reference) if rank_pattern.get(name) != reference.get(name))
     try:
@@ -407,8 +416,6 @@ def build_eva(context: MethodContext) -> BuiltMethod:
 
 def tlora_config(context: MethodContext):
     """The `TLoRAConfig` of this run."""
-    from .. import TLoRAConfig
-
     arguments = context.arguments
     return TLoRAConfig(
         **_lora_fields(context),
@@ -423,10 +430,6 @@ def tlora_config(context: MethodContext):
 
 def base_weights_fingerprint(model: torch.nn.Module, config) -> str:
     """A digest of the target weights of the base model (names, shapes, strided samples of the values)."""
-    import hashlib
-
-    from ..statistics import find_target_modules, weight_fingerprint
-
     digest = hashlib.sha256()
     for target in find_target_modules(model, config):
         digest.update(target.name.encode())
@@ -449,8 +452,6 @@ def build_tlora(context: MethodContext) -> BuiltMethod:
     """
     from safetensors.torch import save_file
 
-    from .. import TLoRAPlan, apply_plan, format_plan_table, get_tlora_model, write_plan_reports
-    from ..initialization import digest_lora_A
     config = tlora_config(context)
     plan_path = context.output_dir / PLAN_FILE
     init_path = context.output_dir / TLORA_INIT_FILE
