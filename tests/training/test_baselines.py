@@ -145,6 +145,48 @@ def test_corda_covariance_holds_no_padding_rows(tiny_model_dir, tmp_path):
         torch.testing.assert_close(padded[name], value, atol=0, rtol=0, msg=name)
 
 
+def test_corda_module_by_module_equals_peft_and_holds_one_full_U_at_a_time(tiny_model_dir, monkeypatch):
+    import peft.tuners.lora.corda as corda
+    from peft import LoraConfig
+    from peft.tuners.lora.config import CordaConfig
+    from transformers import AutoModelForCausalLM
+
+    from tlora.training.methods import preprocess_corda_module_by_module
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights="corda",
+                        corda_config=CordaConfig(corda_method="ipm"))
+    batches = [torch.randint(3, 260, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def calibrated(preprocess) -> dict[str, tuple[torch.Tensor, ...]]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        preprocess(model, config, lambda: [model(input_ids=ids) for ids in batches])
+        return {n: (m.eigens.S_WC, m.eigens.U_WC, m.eigens.V_WC) for n, m in corda.target_modules(model, config)}
+
+    reference = calibrated(lambda model, config, run: corda.preprocess_corda(model, config, run_model=run))
+    full_at_once = []
+    original = corda.collect_eigens_for_layer
+
+    def spy(linear, config):
+        eigens = original(linear, config)
+        full_at_once.append(1 + sum(getattr(getattr(m, "eigens", None), "U_WC", torch.empty(0, 0)).shape[1] > config.r
+                                    for _, m in corda.target_modules(model_of[0], config)))
+        return eigens
+
+    model_of = []
+    monkeypatch.setattr(corda, "collect_eigens_for_layer", spy)
+
+    def ours(model, config, run):
+        model_of.append(model)
+        preprocess_corda_module_by_module(model, config, run)
+
+    result = calibrated(ours)
+    assert sorted(result) == sorted(reference) and len(result) == 6
+    for name, tensors in reference.items():
+        for mine, theirs in zip(result[name], tensors):
+            assert mine.shape == theirs.shape and torch.equal(mine, theirs), name
+    assert full_at_once == [1] * 6  # the module just decomposed is the only one with its full U
+
+
 def test_loraplus_refuses_a_deepspeed_optimizer_block(tiny_model_dir, tmp_path):
     from peft import TaskType
     from transformers import AutoModelForCausalLM

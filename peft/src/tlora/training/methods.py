@@ -21,6 +21,7 @@ callbacks) and what the final save needs (the initial adapter of methods that mo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -296,13 +297,32 @@ def share_corda_eigens(model: torch.nn.Module, config: LoraConfig) -> str:
     return digest.hexdigest()
 
 
+def preprocess_corda_module_by_module(model: torch.nn.Module, config: LoraConfig, run_model: Callable[[], None]) -> None:
+    """PEFT's `preprocess_corda`, stage by stage through PEFT's own functions, except that each module's eigens are
+    cropped to its rank right after its SVD. PEFT's `collect_eigens` keeps every module's full `U` and `V` in host
+    memory before `crop_corda_eigens` crops any (about 41 GB at 7B); here one module's are alive at a time."""
+    from peft.tuners.lora.corda import calib_cov_distribution, collect_eigens_for_layer, crop_corda_eigens, target_modules
+    from peft.utils.other import get_pattern_key
+
+    calib_cov_distribution(model, config, run_model, None, None)
+    for name, module in list(target_modules(model, config)):
+        module.corda_method = config.corda_config.corda_method
+        module.rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+        module.eigens = collect_eigens_for_layer(module, config)
+        this_module = copy.copy(config)
+        this_module.target_modules = {name}  # an exact module name: crop_corda_eigens crops this module only
+        crop_corda_eigens(model, this_module)
+        if config.corda_config.prune_temporary_fields:
+            for temporary in ("sample_count", "covariance_matrix", "corda_method", "rank"):
+                if hasattr(module, temporary):
+                    delattr(module, temporary)
+
+
 def build_corda(context: MethodContext) -> BuiltMethod:
     """CorDA: A and B from the SVD of W times the input covariance of the calibration set (batch size 1, so no padding
-    row enters the covariance: CorDA's hooks ignore the attention mask). Computed once, on rank 0, whose eigens the
-    other ranks receive: PEFT's `collect_eigens` keeps every module's full U and V in host memory until it crops them
-    (tens of GB at 7B), which now happens in one process instead of in every one."""
+    row enters the covariance: CorDA's hooks ignore the attention mask). Computed once, on rank 0, module by module
+    (see `preprocess_corda_module_by_module`); the other ranks receive rank 0's eigens."""
     from peft.tuners.lora.config import CordaConfig
-    from peft.tuners.lora.corda import preprocess_corda
 
     calibration = _require_calibration(context)
     config = lora_config(
@@ -318,7 +338,7 @@ def build_corda(context: MethodContext) -> BuiltMethod:
 
     start = time.perf_counter()
     if distributed.rank_and_world_size()[0] == 0:
-        preprocess_corda(model, config, run_model=run_model)
+        preprocess_corda_module_by_module(model, config, run_model)
     digest = share_corda_eigens(model, config)
     peft_model = get_peft_model(model, config)
     seconds = time.perf_counter() - start
