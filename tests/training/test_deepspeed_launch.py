@@ -4,7 +4,6 @@ resumed run keeps A bit for bit, and ranks that disagree stop the run."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -468,6 +468,7 @@ __all__ = [
     "DataFormatError",
     "TaskSpec",
     "generation_settings",
+    "is_local_path",
     "load_task_rows",
     "main_for_task",
     "parse_arguments",
