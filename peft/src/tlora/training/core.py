@@ -27,6 +27,8 @@ import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..constants import MERGED_DIR, RUN_RECORD_FILE
+from ..rows import RowSource, is_local_path, load_rows
 from .arguments import (
     DataArguments,
     MethodArguments,
@@ -37,8 +39,6 @@ from .arguments import (
     parse_arguments,
     resolve_accumulation,
 )
-from ..constants import MERGED_DIR, RUN_RECORD_FILE
-from ..rows import RowSource, is_local_path, load_rows
 from .data import (
     CalibrationSet,
     ClassificationFields,
