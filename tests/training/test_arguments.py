@@ -65,6 +65,29 @@ def test_global_batch_size_sets_accumulation_and_rejects_contradictions():
         parse_training_arguments(task, ["--global_batch_size", "32", "--gradient_accumulation_steps", "2"])
 
 
+def test_a_flag_the_user_sets_wins_over_the_task_default_global_batch(monkeypatch, caplog):
+    task = load_task("math_train.py")  # default global batch 128 of micro-batches of 8
+    _, _, method, training = parse_training_arguments(task, ["--gradient_accumulation_steps", "1"])
+    assert training.gradient_accumulation_steps == 1 and method.global_batch_size == 8
+    from tlora.training.arguments import describe_global_batch
+
+    assert describe_global_batch(training) == "global batch 8 = 8 per device x 1 processes x 1 accumulation steps"
+    # abbreviated and --opt=value spellings are the user's flags too, as argparse reads them
+    assert parse_training_arguments(task, ["--gradient_accumulation=3"])[3].gradient_accumulation_steps == 3
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _, _, method, training = parse_training_arguments(task, ["--gradient-accumulation-steps", "2"])
+    assert training.gradient_accumulation_steps == 2 and method.global_batch_size == 32
+    monkeypatch.delenv("WORLD_SIZE")
+    # a per-device batch the default global batch is not a multiple of: rounded, with a warning, not an error
+    with caplog.at_level("WARNING", logger="tlora"):
+        _, _, method, training = parse_training_arguments(task, ["--per_device_train_batch_size", "3"])
+    assert training.gradient_accumulation_steps == 43 and method.global_batch_size == 129
+    assert "default global batch size 128 is not a multiple of 3" in caplog.text
+    # two flags the user set that agree are fine
+    training = parse_training_arguments(task, ["--global_batch_size", "16", "--gradient_accumulation_steps", "2"])[3]
+    assert training.gradient_accumulation_steps == 2
+
+
 def test_target_modules_accept_commas_and_spaces_and_bad_choices_fail():
     task = load_task("math_train.py")
     method = parse_training_arguments(task, ["--target_modules", "q_proj,v_proj", "o_proj"])[2]

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from tlora.prompts import format_prompt
+from tlora.rows import DataFormatError, load_rows
 from tlora.training.data import (
     IGNORE_INDEX,
-    DataFormatError,
     InstructionFields,
     PaddingCollator,
     build_instruction_dataset,
     calibration_indices,
     draw_calibration_set,
-    load_rows,
     tokenize_instructions,
 )
 from training_helpers import SAMPLE_COMMONSENSE, SAMPLE_MATH, SAMPLE_NLU
@@ -128,23 +128,23 @@ def test_missing_field_names_file_row_and_fields_present(tmp_path, byte_tokenize
     with pytest.raises(DataFormatError) as error:
         build_instruction_dataset(load_rows(str(path)), InstructionFields("query", "response"), byte_tokenizer, 64)
     message = str(error.value)
-    assert str(path) in message and "row 1 (line 3)" in message
+    assert str(path) in message and "line 3 (row 1)" in message
     assert "'query'" in message and "['answer', 'question']" in message and "--dataset_field" in message
 
 
 def test_malformed_rows_give_errors_that_point_at_them(tmp_path):
     bad_line = tmp_path / "bad.jsonl"
     bad_line.write_text('{"query": "a", "response": "b"}\n{"query": "a", "response": \n')
-    with pytest.raises(DataFormatError, match=r"bad\.jsonl: row 1 \(line 2\) is not valid JSON"):
+    with pytest.raises(DataFormatError, match=r"bad\.jsonl, line 2 \(row 1\): not valid JSON"):
         load_rows(str(bad_line))
     not_text = tmp_path / "numbers.json"
     not_text.write_text(json.dumps([{"query": "a", "response": "b"}, {"query": "c", "response": 42}]))
-    with pytest.raises(DataFormatError, match=r"numbers\.json: row 1: field 'response' is int 42, expected text"):
+    with pytest.raises(DataFormatError, match=r"numbers\.json, row 1: field 'response' is int 42, expected text"):
         build_instruction_dataset(load_rows(str(not_text)), InstructionFields("query", "response"), None, 64)
     not_object = tmp_path / "list.json"
     not_object.write_text(json.dumps([["query", "response"]]))
-    with pytest.raises(DataFormatError, match=r"list\.json: row 0 is a list, not an object"):
-        build_instruction_dataset(load_rows(str(not_object)), InstructionFields("query", "response"), None, 64)
+    with pytest.raises(DataFormatError, match=r"list\.json, row 0: expected a JSON object, got a list"):
+        load_rows(str(not_object))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_rows(str(tmp_path / "missing.jsonl"))
 
@@ -207,3 +207,64 @@ def test_classification_rows_map_labels_and_pairs(byte_tokenizer, tmp_path):
     assert byte_tokenizer.decode(pair_data.examples[1]["input_ids"], skip_special_tokens=True) == "a1b1"
     with pytest.raises(DataFormatError, match="lacks label field 'label'"):
         label_names(pair_source, "label")
+
+
+def write_numbered_rows(path, count: int):
+    """`count` math rows whose query names their position."""
+    path.write_text("".join(json.dumps({"query": f"question {i}", "response": f"answer {i}"}) + "\n" for i in range(count)))
+    return path
+
+
+def test_dataset_draw_takes_the_rows_of_the_authors_shuffle(tmp_path, byte_tokenizer):
+    import datasets
+
+    from tlora.training.arguments import DataArguments, MethodArguments
+    from tlora.training.core import build_task_data, draw_calibration
+    from training_helpers import load_task
+
+    path = write_numbered_rows(tmp_path / "rows.jsonl", 300)
+    data = build_task_data(
+        load_task("math_train.py"), DataArguments(data_path=str(path), max_samples=100), byte_tokenizer, show_progress=False
+    )
+    assert len(data.train) == 100  # like the paper's first 100k of MetaMathQA's 395k rows
+    calibration = draw_calibration(data, MethodArguments(calibration_samples=16, calibration_draw="dataset"), 42, PaddingCollator(0))
+    # The authors' scripts: load_dataset("json", data_files=..., split="train").shuffle(seed=42).select(range(256))
+    authors = datasets.Dataset.from_list(load_rows(str(path)).rows).shuffle(seed=42).select(range(16))
+    assert [f"question {i}" for i in calibration.source_rows] == authors["query"]
+    assert calibration.source_rows == [int(i) for i in np.random.default_rng(42).permutation(300)[:16]]
+    assert any(row >= 100 for row in calibration.source_rows)  # rows outside the training subset, as theirs
+    expected = build_instruction_dataset(load_rows(str(path)).take(calibration.source_rows), InstructionFields("query", "response"), byte_tokenizer, 512)
+    assert [b["input_ids"][0].tolist() for b in calibration.loader(1)] == [e["input_ids"] for e in expected.examples]
+    record = calibration.record()
+    assert (record["draw"], record["seed"], record["population"], record["num_samples"]) == ("dataset", 42, 300, 16)
+    assert record["indices"] == record["source_rows"] == calibration.source_rows
+    subset = draw_calibration(data, MethodArguments(calibration_samples=16, calibration_draw="training_set"), 42, PaddingCollator(0))
+    assert subset.record()["population"] == 100 and max(subset.source_rows) < 100
+
+
+def test_authors_permutation_at_the_papers_size():
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"row": list(range(395_000))})
+    assert calibration_indices(395_000, 256, 42) == rows.shuffle(seed=42).select(range(256))["row"]
+
+
+def test_dataset_draw_skips_rows_without_a_response_token(tmp_path, byte_tokenizer):
+    from functools import partial
+
+    from tlora.training.data import draw_calibration_rows
+
+    rows = [{"query": "x" * (300 if i % 2 else 1), "response": "y"} for i in range(40)]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    build = partial(build_instruction_dataset, fields=InstructionFields("query", "response"), tokenizer=byte_tokenizer, cutoff_len=256)
+    calibration = draw_calibration_rows(load_rows(str(path)), build, 8, 3, PaddingCollator(0))
+    order = [int(i) for i in np.random.default_rng(3).permutation(40)]
+    assert calibration.source_rows == [i for i in order if i % 2 == 0][:8]
+
+
+def test_calibration_batches_are_never_padded_beyond_their_longest_sample(byte_tokenizer):
+    dataset = build_instruction_dataset(load_rows(str(SAMPLE_MATH)), InstructionFields("query", "response"), byte_tokenizer, 512)
+    calibration = draw_calibration_set(dataset, 6, 3, PaddingCollator(0, pad_to_multiple_of=64))
+    for index, batch in zip(calibration.indices, calibration.loader(1)):
+        assert batch["attention_mask"].all() and batch["input_ids"].shape[1] == len(dataset[index]["input_ids"])

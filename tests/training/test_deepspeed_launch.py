@@ -4,7 +4,6 @@ resumed run keeps A bit for bit, and ranks that disagree stop the run."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -93,29 +92,20 @@ def test_a_resumed_two_rank_run_keeps_A_and_finishes_like_the_uninterrupted_one(
 
 def _resume_on_rank(rank: int, world_size: int, port: int, model_dir: str, directories: list[str], report: str) -> None:
     """One rank of a process group that rebuilds a TLoRA adapter from its own output folder."""
-    import torch.distributed as dist
     from peft import TaskType
     from transformers import AutoModelForCausalLM
 
     from tlora.training.core import parse_training_arguments
     from tlora.training.methods import MethodContext, build_method
-    from training_helpers import load_task
+    from training_helpers import load_task, report_on_gloo_rank
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    def rebuild() -> None:
         arguments = ["--base_model", model_dir, "--method", "tlora", "--lora_r", "4", "--lora_alpha", "8", "--output_dir", directories[rank]]
         _, _, method_args, training_args = parse_training_arguments(load_task("math_train.py"), arguments)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
-        context = MethodContext(model, method_args, training_args, TaskType.CAUSAL_LM, None, Path(directories[rank]), 1, resume=True)
-        try:
-            build_method(context)
-            message = "built"
-        except RuntimeError as error:
-            message = str(error)
-        Path(report).with_suffix(f".{rank}").write_text(message)
-    finally:
-        dist.destroy_process_group()
+        build_method(MethodContext(model, method_args, training_args, TaskType.CAUSAL_LM, None, Path(directories[rank]), 1, resume=True))
+
+    report_on_gloo_rank(rank, world_size, port, report, rebuild, "built")
 
 
 def test_ranks_with_different_A_stop_before_training(tiny_model_dir, tmp_path):
@@ -143,3 +133,51 @@ def test_ranks_with_different_A_stop_before_training(tiny_model_dir, tmp_path):
     )
     for rank in range(2):
         assert "ranks disagree on the TLoRA plan and A" in report.with_suffix(f".{rank}").read_text()
+
+
+def baseline_arguments(model_dir: Path, output_dir: Path, method: str) -> list[str]:
+    """A 3-step run of `method` under ZeRO-2 on two ranks with 2 accumulation steps (global batch 8)."""
+    return [
+        "--deepspeed", str(DS_CONFIG),
+        "--base_model", str(model_dir),
+        "--data_path", str(SAMPLE_MATH),
+        "--method", method,
+        "--lora_r", "4",
+        "--lora_alpha", "8",
+        "--global_batch_size", "8",
+        "--per_device_train_batch_size", "2",
+        "--max_steps", "3",
+        "--learning_rate", "1e-3",
+        "--adalora_delta_t", "1",
+        "--loraplus_lr_ratio", "16",
+        "--logging_steps", "1",
+        "--save_strategy", "no",
+        "--disable_tqdm", "true",
+        "--output_dir", str(output_dir),
+    ]
+
+
+@pytest.mark.parametrize("method", ["adalora", "loraplus"])
+def test_adalora_and_loraplus_train_on_two_ranks(method, deepspeed_ready, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    output_dir = tmp_path / method
+    command = deepspeed_command(2, "math_train.py", baseline_arguments(tiny_model_dir, output_dir, method))
+    run_command(command, LAUNCH_TIMEOUT, log=tmp_path / f"{method}.log")
+    record = read_run_record(output_dir)
+    assert record["status"] == "finished" and record["global_step"] == 3 and record["world_size"] == 2
+    assert record["arguments"]["training"]["gradient_accumulation_steps"] == 2
+    assert record["arguments"]["method"]["global_batch_size"] == 8
+    adapter = load_file(str(output_dir / "adapter_model.safetensors"))
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    if method == "adalora":
+        assert record["method_details"]["orth_reg_weight"] == 0.5
+        kept = [sum(mask) for mask in config["rank_pattern"].values()]
+        assert len(kept) == 14 and sum(kept) < 4 * 14  # the budget was allocated under ZeRO-2
+        saved = sum(adapter[k].shape[0] for k in adapter if "lora_E" in k)
+        assert saved == sum(kept)  # PEFT saves only the singular values the budget kept
+    else:
+        # LoRA+'s optimizer under ZeRO-2 (the Trainer's, as no 'optimizer' block replaces it): B at 16 x the lr of A
+        assert record["method_details"]["loraplus_lr_ratio"] == 16
+        assert {1e-3, 16e-3} <= set(record["optimizer_learning_rates"])
+        assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)

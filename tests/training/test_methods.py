@@ -99,6 +99,7 @@ def test_every_method_trains_and_saves_what_it_should(method, run_method, tiny_m
     if method in ("loraga", "corda", "eva", "tlora"):
         calibration = record["calibration"]
         assert calibration["num_samples"] == 8 and calibration["seed"] == 42 and len(calibration["indices"]) == 8
+        assert calibration["draw"] == "dataset" and calibration["population"] == 64  # math_train.py: the authors' draw
         assert calibration["wall_time_s"] > 0
     if method in ("olora", "pissa", "loraga", "corda"):
         assert "initial_adapter" in files

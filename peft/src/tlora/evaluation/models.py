@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..constants import MERGED_DIR
+
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -199,7 +201,7 @@ def _adapter_fingerprint(adapter_path: str) -> str:
     return digest.hexdigest()[:16]
 
 
-TRAINING_MERGED_DIR = "merged"  # where training's --merge writes the merged model, inside the run directory
+TRAINING_MERGED_DIR = MERGED_DIR  # where training's --merge writes the merged model, inside the run directory
 
 
 def _merged_copy_from_training(adapter_dir: str) -> Optional[str]:

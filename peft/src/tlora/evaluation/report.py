@@ -24,11 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..constants import RUN_RECORD_FILE
 from .protocols import PAPER, UNRECORDED
 
 logger = logging.getLogger(__name__)
 
-RUN_RECORD_NAME = "run_record.json"
+RUN_RECORD_NAME = RUN_RECORD_FILE
 HEADLINE_KEYS = ("accuracy", "pass@1", "score")
 MISSING = "–"
 # How a code result's tests are named beside its number (`pass@1` counts the base tests either way).

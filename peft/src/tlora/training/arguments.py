@@ -102,8 +102,18 @@ class MethodArguments:
     calibration_samples: int = field(
         default=256,
         metadata={
-            "help": "Training rows the data-driven methods (tlora, corda, eva, loraga) calibrate on, drawn by "
-            "shuffling the training set with --seed and taking the first N."
+            "help": "Rows the data-driven methods (tlora, corda, eva, loraga) calibrate on, drawn as --calibration_draw "
+            "says with --seed."
+        },
+    )
+    calibration_draw: str = field(
+        default="training_set",
+        metadata={
+            "help": "How the calibration rows are drawn. 'dataset': as the authors' scripts do, every row of the data "
+            "file or split (before --max_samples) permuted with --seed (datasets' Dataset.shuffle(seed)) and the first "
+            "N taken, so they may lie outside the training subset (the task scripts' default). 'training_set': the "
+            "tokenized training examples shuffled with --seed, first N taken.",
+            "choices": ["dataset", "training_set"],
         },
     )
     calibration_batch_size: int = field(
@@ -114,8 +124,9 @@ class MethodArguments:
         default=0,
         metadata={
             "help": "Total batch size across devices and accumulation (paper: 128; commonsense 32). When > 0, "
-            "gradient_accumulation_steps = global_batch_size / (per_device_train_batch_size x world size). "
-            "0: use --gradient_accumulation_steps as given."
+            "gradient_accumulation_steps = global_batch_size / (per_device_train_batch_size x world size). A "
+            "--gradient_accumulation_steps you pass wins over a task's default global batch size; passing both "
+            "flags with different results is an error. 0: use --gradient_accumulation_steps as given."
         },
     )
     merge: bool = field(
@@ -210,7 +221,8 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, MethodArguments, TrainingArgu
 
 def paper_defaults(**overrides: Any) -> dict[str, Any]:
     """The paper's set-up (Llama-2-7B, r = alpha = 128, 1 epoch, lr 2e-5, cosine, 3 % warm-up, batch 128 of
-    micro-batches of 8, cut-off 512, bf16 where the GPU supports it), updated with a task's `overrides`."""
+    micro-batches of 8, cut-off 512, bf16 where the GPU supports it, calibration rows drawn as the authors' scripts
+    draw them), updated with a task's `overrides`."""
     import torch
 
     defaults: dict[str, Any] = {
@@ -220,6 +232,7 @@ def paper_defaults(**overrides: Any) -> dict[str, Any]:
         "cutoff_len": 512,
         "global_batch_size": 128,
         "per_device_train_batch_size": 8,
+        "calibration_draw": "dataset",
         "learning_rate": 2e-5,
         "num_train_epochs": 1,
         "lr_scheduler_type": "cosine",
@@ -259,3 +272,65 @@ def parse_arguments(
     if "{method}" in str(training_args.output_dir):
         training_args.output_dir = str(training_args.output_dir).format(method=method_args.method)
     return model_args, data_args, method_args, training_args
+
+
+def given_options(task: TaskDefaults, argv: Sequence[str]) -> set[str]:
+    """The options present on the command line (as argparse reads it: abbreviations and --opt=value included)."""
+    parser = build_parser(task)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    parser._defaults.clear()
+    namespace, _ = parser.parse_known_args(list(argv))
+    return set(vars(namespace))
+
+
+def resolve_accumulation(
+    given: set[str], global_batch_size: int, per_device_batch_size: int, accumulation_steps: int, world_size: int
+) -> int:
+    """The gradient_accumulation_steps of the run: a flag the user set wins over a task default, and only two flags the
+    user set can contradict each other.
+
+    * --gradient_accumulation_steps given, --global_batch_size not: the accumulation steps as given;
+    * --global_batch_size > 0 given: global / (per-device batch x processes), which must divide exactly and agree
+      with a --gradient_accumulation_steps also given;
+    * neither given: the task's default global batch size, rounded to whole accumulation steps if the per-device
+      batch size does not divide it (with a warning).
+    """
+    per_step = per_device_batch_size * world_size
+    user_global = "global_batch_size" in given
+    user_accumulation = "gradient_accumulation_steps" in given
+    if global_batch_size <= 0 or (user_accumulation and not user_global):
+        return accumulation_steps
+    if global_batch_size % per_step:
+        if user_global:
+            raise ValueError(
+                f"--global_batch_size {global_batch_size} is not a multiple of per_device_train_batch_size "
+                f"{per_device_batch_size} x {world_size} processes; change one of them, or pass "
+                "--gradient_accumulation_steps instead"
+            )
+        steps = max(1, round(global_batch_size / per_step))
+        logger.warning(
+            "The task's default global batch size %d is not a multiple of %d (per-device batch %d x %d processes); "
+            "using %d accumulation steps, a global batch of %d. Pass --global_batch_size or "
+            "--gradient_accumulation_steps to choose.",
+            global_batch_size, per_step, per_device_batch_size, world_size, steps, steps * per_step,
+        )
+        return steps
+    steps = global_batch_size // per_step
+    if user_global and user_accumulation and steps != accumulation_steps:
+        raise ValueError(
+            f"--gradient_accumulation_steps {accumulation_steps} contradicts --global_batch_size {global_batch_size} "
+            f"(which needs {steps} with {world_size} processes of batch {per_device_batch_size}); pass only one of them"
+        )
+    return steps
+
+
+def describe_global_batch(training_args: TrainingArguments) -> str:
+    """'global batch 128 = 8 per device x 2 processes x 8 accumulation steps'."""
+    per_device = training_args.per_device_train_batch_size
+    processes = max(1, training_args.world_size)
+    steps = training_args.gradient_accumulation_steps
+    return (
+        f"global batch {per_device * processes * steps} = {per_device} per device x {processes} processes x {steps} "
+        "accumulation steps"
+    )

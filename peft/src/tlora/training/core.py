@@ -11,13 +11,14 @@ and with --merge the merged model in merged/.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,27 +27,37 @@ import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from .arguments import DataArguments, MethodArguments, ModelArguments, TaskDefaults, parse_arguments
+from ..constants import MERGED_DIR, RUN_RECORD_FILE
+from ..rows import RowSource, is_local_path, load_rows
+from .arguments import (
+    DataArguments,
+    MethodArguments,
+    ModelArguments,
+    TaskDefaults,
+    describe_global_batch,
+    given_options,
+    parse_arguments,
+    resolve_accumulation,
+)
 from .data import (
+    CalibrationSet,
     ClassificationFields,
     ExampleDataset,
     InstructionFields,
     PaddingCollator,
     build_classification_dataset,
     build_instruction_dataset,
+    draw_calibration_rows,
     draw_calibration_set,
-    is_local_path,
     label_names,
-    load_rows,
 )
-from .methods import BASE_MODIFYING_METHODS, CALIBRATED_METHODS, MethodContext, build_method
-from .record import RUN_RECORD_FILE, arguments_record, library_versions, write_run_record
+from .methods import BASE_MODIFYING_METHODS, CALIBRATED_METHODS, BuiltMethod, MethodContext, build_method
+from .record import arguments_record, library_versions, write_run_record
 
 logger = logging.getLogger(__name__)
 
 CAUSAL_LM = "causal_lm"
 SEQUENCE_CLASSIFICATION = "sequence_classification"
-MERGED_DIR = "merged"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,29 +126,20 @@ def prepare_deepspeed_without_gpu(argv: Sequence[str]) -> list[str]:
 def parse_training_arguments(
     task: TaskDefaults, argv: Optional[Sequence[str]] = None
 ) -> tuple[ModelArguments, DataArguments, MethodArguments, TrainingArguments]:
-    """Parse the command line; --global_batch_size (when > 0) sets gradient_accumulation_steps for the world size."""
+    """Parse the command line and settle gradient_accumulation_steps (see `resolve_accumulation`); the resulting
+    global batch size is stored in --global_batch_size."""
     argv = prepare_deepspeed_without_gpu(sys.argv[1:] if argv is None else argv)
     model_args, data_args, method_args, training_args = parse_arguments(task, argv)
-    if method_args.global_batch_size > 0:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        per_step = training_args.per_device_train_batch_size * world_size
-        if method_args.global_batch_size % per_step:
-            raise ValueError(
-                f"--global_batch_size {method_args.global_batch_size} is not a multiple of per_device_train_batch_size "
-                f"{training_args.per_device_train_batch_size} x {world_size} processes; change one of them, or pass "
-                "--global_batch_size 0 to use --gradient_accumulation_steps as given"
-            )
-        accumulation = method_args.global_batch_size // per_step
-        if _given(argv, "--gradient_accumulation_steps") and training_args.gradient_accumulation_steps != accumulation:
-            raise ValueError(
-                f"--gradient_accumulation_steps {training_args.gradient_accumulation_steps} contradicts "
-                f"--global_batch_size {method_args.global_batch_size} (which needs {accumulation} with "
-                f"{world_size} processes of batch {training_args.per_device_train_batch_size}); pass one of them"
-            )
-        if accumulation != training_args.gradient_accumulation_steps:
-            # Parse again so that TrainingArguments (and a DeepSpeed config's "auto" values) see the final value.
-            argv = argv + ["--gradient_accumulation_steps", str(accumulation)]
-            model_args, data_args, method_args, training_args = parse_arguments(task, argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = training_args.per_device_train_batch_size
+    accumulation = resolve_accumulation(
+        given_options(task, argv), method_args.global_batch_size, per_device, training_args.gradient_accumulation_steps, world_size
+    )
+    if accumulation != training_args.gradient_accumulation_steps:
+        # Parse again so that TrainingArguments (and a DeepSpeed config's "auto" values) see the final value.
+        argv = argv + ["--gradient_accumulation_steps", str(accumulation)]
+        model_args, data_args, method_args, training_args = parse_arguments(task, argv)
+    method_args.global_batch_size = per_device * world_size * accumulation
     return model_args, data_args, method_args, training_args
 
 
@@ -229,20 +231,22 @@ def load_base_model(
 
 @dataclass
 class TaskData:
-    """The tokenized training (and optional evaluation) sets of a run."""
+    """The rows and tokenized training (and optional evaluation) sets of a run."""
 
+    source: RowSource
+    build: Callable[..., ExampleDataset]
     train: ExampleDataset
     evaluation: Optional[ExampleDataset]
     labels: Optional[list[Any]]
     origin: str
 
 
-def _load_split(data_args: DataArguments, split_or_file: str, max_samples: Optional[int]):
+def _load_split(data_args: DataArguments, split_or_file: str, max_samples: Optional[int]) -> RowSource:
     if is_local_path(data_args.data_path):
         if not is_local_path(split_or_file):
             raise ValueError(f"with a local --data_path, --eval_split must be a file too (got {split_or_file!r})")
         return load_rows(split_or_file, max_samples=max_samples)
-    return load_rows(data_args.data_path, dataset_config=data_args.dataset_config, split=split_or_file, max_samples=max_samples)
+    return load_rows(data_args.data_path, hub_config=data_args.dataset_config, hub_split=split_or_file, max_samples=max_samples)
 
 
 def build_task_data(
@@ -251,27 +255,34 @@ def build_task_data(
     """Read, check and tokenize the training rows (and the evaluation rows when --eval_split is given)."""
     source = load_rows(
         data_args.data_path,
-        dataset_config=data_args.dataset_config,
-        split=data_args.dataset_split,
+        hub_config=data_args.dataset_config,
+        hub_split=data_args.dataset_split,
         max_samples=data_args.max_samples,
     )
     evaluation_source = _load_split(data_args, data_args.eval_split, None) if data_args.eval_split else None
     if task.kind == SEQUENCE_CLASSIFICATION:
         fields = ClassificationFields.from_arguments(data_args.dataset_field)
         labels = label_names(source, fields.label)
-        build = lambda src: build_classification_dataset(  # noqa: E731
-            src, fields, tokenizer, data_args.cutoff_len, labels, show_progress=show_progress
+        build = functools.partial(
+            build_classification_dataset, fields=fields, tokenizer=tokenizer, cutoff_len=data_args.cutoff_len, labels=labels
         )
     else:
         instruction_fields = InstructionFields.from_arguments(data_args.dataset_field, data_args.input_field)
         labels = None
-        build = lambda src: build_instruction_dataset(  # noqa: E731
-            src, instruction_fields, tokenizer, data_args.cutoff_len, show_progress=show_progress
+        build = functools.partial(
+            build_instruction_dataset, fields=instruction_fields, tokenizer=tokenizer, cutoff_len=data_args.cutoff_len
         )
-    train = build(source)
-    evaluation = build(evaluation_source) if evaluation_source is not None else None
+    train = build(source, show_progress=show_progress)
+    evaluation = build(evaluation_source, show_progress=show_progress) if evaluation_source is not None else None
     logger.info("Training on %d examples from %s.", len(train), source.origin)
-    return TaskData(train, evaluation, labels, source.origin)
+    return TaskData(source, build, train, evaluation, labels, source.origin)
+
+
+def draw_calibration(data: TaskData, method_args: MethodArguments, seed: int, collator: PaddingCollator) -> CalibrationSet:
+    """The calibration samples of the run, drawn as --calibration_draw says."""
+    if method_args.calibration_draw == "dataset":
+        return draw_calibration_rows(data.source, data.build, method_args.calibration_samples, seed, collator)
+    return draw_calibration_set(data.train, method_args.calibration_samples, seed, collator)
 
 
 def estimate_total_steps(num_examples: int, training_args: TrainingArguments) -> int:
@@ -291,10 +302,12 @@ def estimate_total_steps(num_examples: int, training_args: TrainingArguments) ->
 
 
 class MethodTrainer(Trainer):
-    """`transformers.Trainer` whose optimizer can come from the method (LoRA+), also under DeepSpeed."""
+    """`transformers.Trainer` whose optimizer can come from the method (LoRA+), also under DeepSpeed, and whose loss
+    can be computed inside a method's context (AdaLoRA's regulariser weight)."""
 
-    def __init__(self, *args, optimizer_factory=None, **kwargs):
+    def __init__(self, *args, optimizer_factory=None, loss_context=None, **kwargs):
         self._optimizer_factory = optimizer_factory
+        self._loss_context = loss_context
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model=None):
@@ -303,6 +316,41 @@ class MethodTrainer(Trainer):
             self.optimizer = self._optimizer_factory(self.model if model is None else model, self.args)
             return self.optimizer
         return super().create_optimizer(model) if model is not None else super().create_optimizer()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss, inside the method's loss context when it has one."""
+        if self._loss_context is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        with self._loss_context(self, num_items_in_batch):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
+def build_trainer(
+    task: TaskDefaults,
+    built: BuiltMethod,
+    training_args: TrainingArguments,
+    data: TaskData,
+    collator: PaddingCollator,
+    tokenizer: PreTrainedTokenizerBase,
+    extra_callbacks: Sequence[Any] = (),
+) -> MethodTrainer:
+    """The Trainer of a built method: its optimizer, callbacks and loss context."""
+    trainer = MethodTrainer(
+        model=built.model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.evaluation,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[*built.callbacks, *extra_callbacks],
+        compute_metrics=_accuracy if task.kind == SEQUENCE_CLASSIFICATION else None,
+        optimizer_factory=built.optimizer_factory,
+        loss_context=built.loss_context,
+    )
+    for callback in built.callbacks:
+        if hasattr(callback, "attach"):
+            callback.attach(trainer)
+    return trainer
 
 
 def _accuracy(prediction) -> dict[str, float]:
@@ -381,6 +429,7 @@ def train(
     started = time.perf_counter()
     setup_logging(training_args)
     is_main = training_args.process_index == 0
+    logger.info("Training with a %s.", describe_global_batch(training_args))
     output_dir = Path(training_args.output_dir)
     resume = resolve_resume(training_args)
     set_seed(training_args.seed)
@@ -391,7 +440,7 @@ def train(
     collator = PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if training_args.device.type == "cuda" else None)
     calibration = None
     if method_args.method in CALIBRATED_METHODS:
-        calibration = draw_calibration_set(data.train, method_args.calibration_samples, training_args.seed, collator)
+        calibration = draw_calibration(data, method_args, training_args.seed, collator)
 
     with training_args.main_process_first(desc="loading the base model"):
         dtype = model_dtype(model_args, training_args, method_args.method)
@@ -434,20 +483,7 @@ def train(
     if is_main:
         write_run_record(output_dir, record)
 
-    trainer = MethodTrainer(
-        model=built.model,
-        args=training_args,
-        train_dataset=data.train,
-        eval_dataset=data.evaluation,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=built.callbacks,
-        compute_metrics=_accuracy if task.kind == SEQUENCE_CLASSIFICATION else None,
-        optimizer_factory=built.optimizer_factory,
-    )
-    for callback in built.callbacks:
-        if hasattr(callback, "attach"):
-            callback.attach(trainer)
+    trainer = build_trainer(task, built, training_args, data, collator, tokenizer)
     training_started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     training_seconds = time.perf_counter() - training_started
@@ -459,6 +495,7 @@ def train(
         global_step=trainer.state.global_step,
         train_loss=result.training_loss,
         train_metrics=result.metrics,
+        optimizer_learning_rates=sorted({group.get("initial_lr", group["lr"]) for group in trainer.optimizer.param_groups}),
     )
     if data.evaluation is not None:
         record["eval_metrics"] = trainer.evaluate()
@@ -492,12 +529,7 @@ def initial_record(task, model_args, data_args, method_args, training_args, data
         "library_versions": library_versions(),
     }
     if calibration is not None:
-        record["calibration"] = {
-            "seed": calibration.seed,
-            "num_samples": len(calibration.indices),
-            "indices": calibration.indices,
-            "source_rows": calibration.source_rows,
-        }
+        record["calibration"] = calibration.record()
     previous = Path(training_args.output_dir) / RUN_RECORD_FILE
     if resume is not None and previous.is_file():
         earlier = json.loads(previous.read_text())

@@ -1,4 +1,4 @@
-"""Training data: read rows, check their fields, build the Alpaca prompt, tokenize, pad, draw the calibration set.
+"""Training data (rows read by `tlora.rows`): check their fields, build the Alpaca prompt, tokenize, pad, draw the calibration set.
 
 A generation example is `prompt + response + "\\n"` tokenized in one piece, followed by the EOS token *id* (appended
 as a token, never as text, so no tokenizer can split or drop it). Labels are the input ids with every token that
@@ -8,134 +8,22 @@ starts inside the prompt set to -100, so the loss covers the response, the newli
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from ..prompts import format_prompt
+from ..rows import DataFormatError, RowSource
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 _TOKENIZE_CHUNK = 1024
-
-
-class DataFormatError(ValueError):
-    """A data file or row that the training pipeline cannot use; the message names the file, row and fields."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading rows
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RowSource:
-    """Rows of one data source, with what is needed to point at a row in an error message."""
-
-    rows: list[Any]
-    origin: str
-    line_numbers: Optional[list[int]] = None  # JSON Lines: 1-based line of each row
-
-    def where(self, index: int) -> str:
-        """'file.jsonl: row 3 (line 4)' for error messages."""
-        line = f" (line {self.line_numbers[index]})" if self.line_numbers else ""
-        return f"{self.origin}: row {index}{line}"
-
-
-def is_local_path(data_path: str) -> bool:
-    """True for an existing local file or a path with a local data suffix."""
-    path = Path(data_path)
-    return path.exists() or path.suffix.lower() in LOCAL_SUFFIXES
-
-
-def _read_json_lines(path: Path, text: str) -> RowSource:
-    rows, lines = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise DataFormatError(
-                f"{path}: row {len(rows)} (line {number}) is not valid JSON ({error.msg} at column {error.colno}); "
-                "fix or remove that line"
-            ) from None
-        lines.append(number)
-    return RowSource(rows, str(path), lines)
-
-
-def _read_json(path: Path) -> RowSource:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".jsonl":
-        return _read_json_lines(path, text)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        if error.msg == "Extra data":  # a .json file holding JSON Lines
-            return _read_json_lines(path, text)
-        raise DataFormatError(
-            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); a .json file must "
-            "hold a list of objects, a .jsonl file one object per line"
-        ) from None
-    if isinstance(data, Mapping):
-        lists = [key for key, value in data.items() if isinstance(value, list)]
-        if len(lists) == 1:
-            data = data[lists[0]]
-    if not isinstance(data, list):
-        raise DataFormatError(f"{path} holds a JSON {type(data).__name__}; expected a list of objects, one per row")
-    return RowSource(data, str(path))
-
-
-def _read_parquet(path: Path) -> RowSource:
-    import pyarrow.parquet as parquet
-
-    return RowSource(parquet.read_table(str(path)).to_pylist(), str(path))
-
-
-def load_rows(
-    data_path: str,
-    *,
-    dataset_config: Optional[str] = None,
-    split: str = "train",
-    max_samples: Optional[int] = None,
-) -> RowSource:
-    """The rows of a local .json/.jsonl/.parquet file or a hub dataset split, cut to the first `max_samples`."""
-    if max_samples is not None and max_samples <= 0:
-        raise ValueError(f"--max_samples must be positive, got {max_samples}")
-    if is_local_path(data_path):
-        path = Path(data_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {path} does not exist (pass --data_path a .json, .jsonl or .parquet file)")
-        suffix = path.suffix.lower()
-        if suffix in (".json", ".jsonl"):
-            source = _read_json(path)
-        elif suffix == ".parquet":
-            source = _read_parquet(path)
-        else:
-            raise DataFormatError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl or .parquet")
-    else:
-        import datasets
-
-        dataset = datasets.load_dataset(data_path, name=dataset_config, split=split)
-        if max_samples is not None:
-            dataset = dataset.select(range(min(max_samples, len(dataset))))
-        origin = f"dataset {data_path}" + (f" ({dataset_config})" if dataset_config else "") + f" split {split}"
-        source = RowSource(dataset.to_list(), origin)
-    if max_samples is not None:
-        source.rows = source.rows[:max_samples]
-        if source.line_numbers is not None:
-            source.line_numbers = source.line_numbers[:max_samples]
-    if not source.rows:
-        raise DataFormatError(f"{source.origin} has no rows")
-    return source
 
 
 def _fields_present(row: Any) -> str:
@@ -271,8 +159,10 @@ def build_instruction_dataset(
     cutoff_len: int,
     *,
     show_progress: bool = False,
+    allow_empty: bool = False,
 ) -> ExampleDataset:
-    """Check the rows, build Alpaca prompts and tokenize; examples without any label token are dropped."""
+    """Check the rows, build Alpaca prompts and tokenize; examples without any label token are dropped (an error when
+    none is left, unless `allow_empty`)."""
     require_text_fields(source, [fields.instruction, fields.response], [fields.input] if fields.input else [])
     prompts, responses = [], []
     for row in source.rows:
@@ -286,10 +176,10 @@ def build_instruction_dataset(
         if example["input_ids"][-1] != eos:
             truncated += 1
         if all(label == IGNORE_INDEX for label in example["labels"]):
-            dropped.append(index)
+            dropped.append(source.row_number(index))
             continue
         kept.append(example)
-        rows.append(index)
+        rows.append(source.row_number(index))
     if truncated:
         logger.warning("%d of %d examples were cut at --cutoff_len %d (their EOS is lost).", truncated, len(examples), cutoff_len)
     if dropped:
@@ -297,7 +187,7 @@ def build_instruction_dataset(
             "Dropped %d examples whose prompt fills --cutoff_len %d (no response token left), rows %s%s.",
             len(dropped), cutoff_len, dropped[:10], "..." if len(dropped) > 10 else "",
         )
-    if not kept:
+    if not kept and not allow_empty:
         raise DataFormatError(f"{source.origin}: no example keeps a response token within --cutoff_len {cutoff_len}")
     return ExampleDataset(kept, rows)
 
@@ -353,8 +243,10 @@ def build_classification_dataset(
     labels: Sequence[Any],
     *,
     show_progress: bool = False,
+    allow_empty: bool = False,
 ) -> ExampleDataset:
-    """Tokenize text (or text pairs) with truncation at `cutoff_len`; labels become class ids."""
+    """Tokenize text (or text pairs) with truncation at `cutoff_len`; labels become class ids (no row is dropped, so
+    `allow_empty` only mirrors `build_instruction_dataset`)."""
     require_text_fields(source, [fields.text] + ([fields.text_pair] if fields.text_pair else []))
     label_ids = {label: index for index, label in enumerate(labels)}
     examples = []
@@ -372,7 +264,7 @@ def build_classification_dataset(
                     )
                 examples.append({"input_ids": list(ids), "labels": label_ids[label]})
             progress.update(len(chunk))
-    return ExampleDataset(examples, list(range(len(examples))))
+    return ExampleDataset(examples, [source.row_number(index) for index in range(len(examples))])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -410,12 +302,14 @@ class PaddingCollator:
         return batch
 
 
+CALIBRATION_DRAWS = ("dataset", "training_set")
+
+
 def calibration_indices(num_examples: int, num_samples: int, seed: int) -> list[int]:
-    """Positions of the calibration samples: the training set shuffled with `seed`, first `num_samples` taken."""
+    """The first `num_samples` positions of `numpy.random.default_rng(seed).permutation(num_examples)`: the rows that
+    `datasets.Dataset.shuffle(seed=seed).select(range(num_samples))` picks."""
     if num_samples > num_examples:
-        logger.warning(
-            "--calibration_samples %d exceeds the %d training examples; calibrating on all of them.", num_samples, num_examples
-        )
+        logger.warning("--calibration_samples %d exceeds the %d rows to draw from; calibrating on all of them.", num_samples, num_examples)
     permutation = np.random.default_rng(seed).permutation(num_examples)
     return [int(i) for i in permutation[: min(num_samples, num_examples)]]
 
@@ -429,14 +323,60 @@ class CalibrationSet:
     seed: int
     collator: PaddingCollator
     source_rows: list[int] = field(default_factory=list)
+    draw: str = "training_set"
+    population: int = 0
 
     def loader(self, batch_size: int) -> torch.utils.data.DataLoader:
-        """The calibration samples in draw order, in batches (the same on every rank)."""
+        """The calibration samples in draw order, in batches (the same on every rank), padded only to the longest
+        sample of the batch: a batch of one holds no padding at all, whatever the training collator rounds to."""
         subset = torch.utils.data.Subset(self.dataset, self.indices)
-        return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=self.collator)
+        collator = dataclasses.replace(self.collator, pad_to_multiple_of=None)
+        return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+
+    def record(self) -> dict[str, Any]:
+        """How the samples were drawn, for the run record."""
+        return {
+            "draw": self.draw,
+            "seed": self.seed,
+            "population": self.population,
+            "num_samples": len(self.indices),
+            "indices": self.source_rows if self.draw == "dataset" else self.indices,  # positions in the population
+            "source_rows": self.source_rows,
+        }
 
 
 def draw_calibration_set(dataset: ExampleDataset, num_samples: int, seed: int, collator: PaddingCollator) -> CalibrationSet:
-    """Draw the calibration samples of a run (see `calibration_indices`)."""
+    """The 'training_set' draw: the tokenized training examples shuffled with `seed`, the first `num_samples` taken."""
     indices = calibration_indices(len(dataset), num_samples, seed)
-    return CalibrationSet(dataset, indices, seed, collator, [dataset.source_rows[i] for i in indices])
+    return CalibrationSet(dataset, indices, seed, collator, [dataset.source_rows[i] for i in indices], "training_set", len(dataset))
+
+
+def draw_calibration_rows(
+    source: RowSource,
+    build: Callable[..., ExampleDataset],
+    num_samples: int,
+    seed: int,
+    collator: PaddingCollator,
+) -> CalibrationSet:
+    """The 'dataset' draw, the authors' `load_dataset(...).shuffle(seed).select(range(N))`: every row of the file or
+    split (before --max_samples) permuted with `seed`, the first `num_samples` rows tokenized by `build` like training
+    rows. A row that keeps no response token within the cut-off is skipped for the next row of the permutation."""
+    order = calibration_indices(source.full_size, source.full_size, seed)
+    examples: list[dict[str, Any]] = []
+    rows: list[int] = []
+    start = 0
+    while len(examples) < num_samples and start < len(order):
+        chunk = order[start : start + num_samples - len(examples)]
+        start += len(chunk)
+        built = build(source.take(chunk), allow_empty=True)
+        examples.extend(built.examples)
+        rows.extend(built.source_rows)
+    if len(examples) < num_samples:
+        logger.warning("--calibration_samples %d: only %d usable rows in %s.", num_samples, len(examples), source.origin)
+    if not examples:
+        raise DataFormatError(f"{source.origin}: no row keeps a response token for calibration")
+    skipped = sorted(set(order[:start]) - set(rows))
+    if skipped:
+        logger.warning("Calibration skipped rows %s (no response token within the cut-off) for the next ones.", skipped[:10])
+    dataset = ExampleDataset(examples, rows)
+    return CalibrationSet(dataset, list(range(len(examples))), seed, collator, rows, "dataset", source.full_size)

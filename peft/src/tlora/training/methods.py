@@ -8,38 +8,53 @@ callbacks) and what the final save needs (the initial adapter of methods that mo
 |----------|-------------------------------------------------------------------------------------------------|
 | full     | every parameter trains                                                                          |
 | lora     | `LoraConfig`                                                                                    |
-| adalora  | `AdaLoraConfig`; `update_and_allocate` every optimizer step from `AdaLoraCallback`              |
-| loraplus | `LoraConfig` + `peft.optimizers.create_loraplus_optimizer`                                      |
+| adalora  | `AdaLoraConfig`; `update_and_allocate` every step, regulariser weight kept (see `adalora.py`)   |
+| loraplus | `LoraConfig` + `peft.optimizers.create_loraplus_optimizer` (no DeepSpeed `optimizer` block)     |
 | dora     | `LoraConfig(use_dora=True)`                                                                     |
 | olora    | `LoraConfig(init_lora_weights="olora")`              (modifies the base weights)               |
 | pissa    | `LoraConfig(init_lora_weights="pissa" / "pissa_niter_N")` (modifies the base weights)          |
 | loraga   | `LoraGAConfig` + `preprocess_loraga`, calibration set (modifies the base weights)              |
-| corda    | `CordaConfig` + `preprocess_corda`, calibration set at batch size 1 (modifies the base weights) |
-| eva      | `EvaConfig` + `initialize_lora_eva_weights`, calibration set, bounded number of passes          |
+| corda    | `CordaConfig` + `preprocess_corda` on rank 0, batch size 1, no padding (modifies the base)      |
+| eva      | `EvaConfig` + `initialize_lora_eva_weights`, bounded passes, ranks checked against rank 0       |
 | tlora    | `tlora.get_tlora_model`, calibration set; `A` frozen                                            |
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import TrainingArguments
 
+from .. import (
+    TLoRAConfig,
+    TLoRAPlan,
+    apply_plan,
+    distributed,
+    find_target_modules,
+    format_plan_table,
+    get_tlora_model,
+    write_plan_reports,
+)
+from ..constants import INITIAL_ADAPTER_DIR, PLAN_FILE, TLORA_INIT_FILE
+from ..initialization import digest_lora_A
+from ..targets import weight_fingerprint
+from .adalora import AdaLoraCallback, OrthogonalRegulariserScale, adalora_schedule
 from .arguments import MethodArguments
-from .callbacks import AdaLoraCallback, TLoRAGuardCallback
+from .callbacks import TLoRAGuardCallback
 from .data import CalibrationSet
 
 logger = logging.getLogger(__name__)
 
-INITIAL_ADAPTER_DIR = "initial_adapter"
-TLORA_INIT_FILE = "tlora_init.safetensors"
 BASE_MODIFYING_METHODS = ("olora", "pissa", "loraga", "corda")
 CALIBRATED_METHODS = ("loraga", "corda", "eva", "tlora")
 
@@ -70,6 +85,8 @@ class BuiltMethod:
     plan: Any = None
     details: dict[str, Any] = field(default_factory=dict)
     calibration_seconds: float = 0.0
+    # entered around each micro-batch's loss: (trainer, num_items_in_batch) -> context manager
+    loss_context: Optional[Callable[[Any, Any], ContextManager[None]]] = None
 
 
 def _target_modules(arguments: MethodArguments):
@@ -142,12 +159,25 @@ def build_dora(context: MethodContext) -> BuiltMethod:
     return BuiltMethod(get_peft_model(context.model, lora_config(context, use_dora=True)))
 
 
+def refuse_deepspeed_optimizer(training_args: TrainingArguments, method: str) -> None:
+    """Raise when the DeepSpeed config brings its own optimizer, which would replace the method's optimizer."""
+    deepspeed_config = getattr(training_args, "hf_deepspeed_config", None)
+    if deepspeed_config is not None and "optimizer" in deepspeed_config.config:
+        raise ValueError(
+            f"--method {method} builds its own optimizer (per-parameter learning rates), but the DeepSpeed config "
+            f"{training_args.deepspeed} has an 'optimizer' block, which DeepSpeed would use instead, silently training "
+            "plain LoRA; remove the 'optimizer' block (the Trainer then creates the optimizer from --optim, "
+            "--learning_rate and --weight_decay)"
+        )
+
+
 def build_loraplus(context: MethodContext) -> BuiltMethod:
     """LoRA+: plain LoRA whose B matrices learn loraplus_lr_ratio times faster (PEFT's optimizer)."""
     from peft.optimizers import create_loraplus_optimizer
     from transformers import Trainer
 
     ratio = context.arguments.loraplus_lr_ratio
+    refuse_deepspeed_optimizer(context.training_args, "loraplus")
 
     def optimizer_factory(model: torch.nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
         optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
@@ -163,21 +193,6 @@ def build_loraplus(context: MethodContext) -> BuiltMethod:
 
     model = get_peft_model(context.model, lora_config(context))
     return BuiltMethod(model, optimizer_factory=optimizer_factory, details={"loraplus_lr_ratio": ratio})
-
-
-def _schedule_steps(value: float, total: int) -> int:
-    return int(value * total) if value < 1 else int(value)
-
-
-def adalora_schedule(arguments: MethodArguments, total_steps: int) -> dict[str, int]:
-    """AdaLoRA's total_step, tinit and tfinal for a run of `total_steps` optimizer steps (always a valid schedule)."""
-    total = max(int(total_steps), 1)
-    tinit = _schedule_steps(arguments.adalora_tinit, total)
-    tfinal = _schedule_steps(arguments.adalora_tfinal, total)
-    if tinit + tfinal >= total:
-        logger.warning("AdaLoRA: tinit %d + tfinal %d leave no budgeting phase in %d steps; using 0 and 0.", tinit, tfinal, total)
-        tinit, tfinal = 0, 0
-    return {"total_step": total, "tinit": tinit, "tfinal": tfinal}
 
 
 def build_adalora(context: MethodContext) -> BuiltMethod:
@@ -198,8 +213,12 @@ def build_adalora(context: MethodContext) -> BuiltMethod:
         **schedule,
     )
     model = get_peft_model(context.model, config)
-    callback = AdaLoraCallback(arguments)
-    return BuiltMethod(model, callbacks=[callback], details={"init_r": arguments.lora_r, "target_r": target_r, **schedule})
+    return BuiltMethod(
+        model,
+        callbacks=[AdaLoraCallback(arguments)],
+        loss_context=OrthogonalRegulariserScale(model),
+        details={"init_r": arguments.lora_r, "target_r": target_r, "orth_reg_weight": config.orth_reg_weight, **schedule},
+    )
 
 
 def build_olora(context: MethodContext) -> BuiltMethod:
@@ -255,10 +274,55 @@ def build_loraga(context: MethodContext) -> BuiltMethod:
     )
 
 
+def share_corda_eigens(model: torch.nn.Module, config: LoraConfig) -> str:
+    """Give every rank rank 0's CorDA eigens (`S`, `U`, `V` of each target module, already cropped to the rank) and
+    return their digest; the other ranks receive them in place of computing them."""
+    from peft.tuners.lora.corda import CordaEigens, target_modules
+
+    rank, _ = distributed.rank_and_world_size()
+    device = _device_of(model)
+    digest = hashlib.sha256()
+    for name, module in target_modules(model, config):
+        if rank != 0:
+            out_features, in_features = module.weight.shape
+            module.eigens = CordaEigens(
+                S_WC=torch.zeros(config.r, device=device),
+                U_WC=torch.zeros(out_features, config.r, device=device),
+                V_WC=torch.zeros(in_features, config.r, device=device),
+            )
+        for tensor in (module.eigens.S_WC, module.eigens.U_WC, module.eigens.V_WC):
+            distributed.broadcast_(tensor, src=0)
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        digest.update(name.encode())
+    return digest.hexdigest()
+
+
+def preprocess_corda_module_by_module(model: torch.nn.Module, config: LoraConfig, run_model: Callable[[], None]) -> None:
+    """PEFT's `preprocess_corda`, stage by stage through PEFT's own functions, except that each module's eigens are
+    cropped to its rank right after its SVD. PEFT's `collect_eigens` keeps every module's full `U` and `V` in host
+    memory before `crop_corda_eigens` crops any (about 41 GB at 7B); here one module's are alive at a time."""
+    from peft.tuners.lora.corda import calib_cov_distribution, collect_eigens_for_layer, crop_corda_eigens, target_modules
+    from peft.utils.other import get_pattern_key
+
+    calib_cov_distribution(model, config, run_model, None, None)
+    for name, module in list(target_modules(model, config)):
+        module.corda_method = config.corda_config.corda_method
+        module.rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+        module.eigens = collect_eigens_for_layer(module, config)
+        this_module = copy.copy(config)
+        this_module.target_modules = {name}  # an exact module name: crop_corda_eigens crops this module only
+        crop_corda_eigens(model, this_module)
+        if config.corda_config.prune_temporary_fields:
+            for temporary in ("sample_count", "covariance_matrix", "corda_method", "rank"):
+                if hasattr(module, temporary):
+                    delattr(module, temporary)
+
+
 def build_corda(context: MethodContext) -> BuiltMethod:
-    """CorDA: A and B from the SVD of W times the input covariance of the calibration set (batch size 1)."""
+    """CorDA: A and B from the SVD of W times the input covariance of the calibration set (batch size 1, so no padding
+    row enters the covariance: CorDA's hooks ignore the attention mask). Computed once, on rank 0, module by module
+    (see `preprocess_corda_module_by_module`); the other ranks receive rank 0's eigens."""
     from peft.tuners.lora.config import CordaConfig
-    from peft.tuners.lora.corda import preprocess_corda
 
     calibration = _require_calibration(context)
     config = lora_config(
@@ -266,21 +330,23 @@ def build_corda(context: MethodContext) -> BuiltMethod:
     )
     model = context.model
     device = _device_of(model)
-    loader = calibration.loader(1)  # CorDA's hooks squeeze the batch dimension
+    loader = calibration.loader(1)  # CorDA's hooks squeeze the batch dimension and would count padding rows
 
     def run_model() -> None:
         for batch in _progress(loader, "CorDA covariance", context.is_main_process):
             model(**_model_inputs(batch, device, labels=False))
 
     start = time.perf_counter()
-    preprocess_corda(model, config, run_model=run_model)
+    if distributed.rank_and_world_size()[0] == 0:
+        preprocess_corda_module_by_module(model, config, run_model)
+    digest = share_corda_eigens(model, config)
     peft_model = get_peft_model(model, config)
     seconds = time.perf_counter() - start
     return BuiltMethod(
         peft_model,
         initial_adapter_dir=save_initial_adapter(context, peft_model),
         calibration_seconds=seconds,
-        details={"corda_method": context.arguments.corda_method, "calibration_batch_size": 1},
+        details={"corda_method": context.arguments.corda_method, "calibration_batch_size": 1, "eigens_digest": digest},
     )
 
 
@@ -305,6 +371,21 @@ class _BoundedEvaForward:
                         hook.converged = torch.ones_like(hook.converged)
                         self.stopped_early = True
         return output
+
+
+def check_rank_pattern_across_ranks(rank_pattern: dict[str, int], method: str) -> None:
+    """Raise on every rank unless each rank's rank pattern is rank 0's, naming the modules that differ here."""
+    reference = distributed.broadcast_json(rank_pattern, src=0)
+    differing = sorted(name for name in set(rank_pattern) | set(reference) if rank_pattern.get(name) != reference.get(name))
+    try:
+        distributed.check_identical_across_ranks(json.dumps(rank_pattern, sort_keys=True).encode(), f"{method}'s ranks")
+    except RuntimeError:
+        rank = distributed.rank_and_world_size()[0]
+        raise RuntimeError(
+            f"{method}: the ranks derived different rank patterns (rank {rank} differs from rank 0 at "
+            f"{len(differing)} modules, e.g. {differing[:3]}); every rank must see the same calibration batches and "
+            "weights. Rerun with the same --seed and data on every rank."
+        ) from None
 
 
 def build_eva(context: MethodContext) -> BuiltMethod:
@@ -333,6 +414,8 @@ def build_eva(context: MethodContext) -> BuiltMethod:
         show_progress_bar=context.is_main_process,
     )
     seconds = time.perf_counter() - start
+    rank_pattern = dict(model.peft_config["default"].rank_pattern or {})
+    check_rank_pattern_across_ranks(rank_pattern, "EVA")
     if forward.stopped_early:
         logger.warning(
             "EVA did not converge within %d passes over the calibration samples (tau=%g); using its components as "
@@ -346,15 +429,13 @@ def build_eva(context: MethodContext) -> BuiltMethod:
             "tau": arguments.eva_tau,
             "forward_calls": forward.calls,
             "converged": not forward.stopped_early,
-            "rank_pattern": dict(model.peft_config["default"].rank_pattern or {}),
+            "rank_pattern": rank_pattern,
         },
     )
 
 
 def tlora_config(context: MethodContext):
     """The `TLoRAConfig` of this run."""
-    from .. import TLoRAConfig
-
     arguments = context.arguments
     return TLoRAConfig(
         **_lora_fields(context),
@@ -369,10 +450,6 @@ def tlora_config(context: MethodContext):
 
 def base_weights_fingerprint(model: torch.nn.Module, config) -> str:
     """A digest of the target weights of the base model (names, shapes, strided samples of the values)."""
-    import hashlib
-
-    from ..targets import find_target_modules, weight_fingerprint
-
     digest = hashlib.sha256()
     for target in find_target_modules(model, config):
         digest.update(target.name.encode())
@@ -395,12 +472,8 @@ def build_tlora(context: MethodContext) -> BuiltMethod:
     """
     from safetensors.torch import save_file
 
-    from .. import TLoRAPlan, apply_plan, distributed, format_plan_table, get_tlora_model, write_plan_reports
-    from ..initialization import digest_lora_A
-    from ..plan_report import PLAN_JSON
-
     config = tlora_config(context)
-    plan_path = context.output_dir / PLAN_JSON
+    plan_path = context.output_dir / PLAN_FILE
     init_path = context.output_dir / TLORA_INIT_FILE
     fingerprint = base_weights_fingerprint(context.model, config)
     start = time.perf_counter()

@@ -10,7 +10,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-RUN_RECORD_FILE = "run_record.json"
+from ..constants import RUN_RECORD_FILE
+
 LIBRARIES = ("torch", "transformers", "peft", "tlora", "accelerate", "datasets", "deepspeed", "safetensors", "tokenizers")
 
 
