@@ -32,7 +32,7 @@ from .config import TLoRAConfig
 from .errors import CalibrationError, NonFiniteCalibrationError
 from .hooks import BatchState, CalibrationHooks, Layout, StatisticSums
 from .losses import losses_to_differentiate
-from .targets import TargetModule, find_target_modules, weight_fingerprint
+from .targets import TargetModule, check_readable_weights, find_target_modules
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def compute_statistics(
     """
     config = config or TLoRAConfig()
     targets = targets if targets is not None else find_target_modules(model, config)
+    check_readable_weights(targets)
     sums = StatisticSums(getattr(torch, config.statistics_dtype), _statistics_device(config))
     first, batches = _first_batch(calibration_data)
     run = _PassRun(_model_input_device(model), _forward_keys(model), *_shard(shard_batches))
@@ -468,7 +469,7 @@ def _module_records(targets: list[TargetModule], layout: Layout, sensitivity: to
                 layout=kind,
                 covariance_key=key,
                 sensitivity_sum=float(total),
-                fingerprint=weight_fingerprint(target.module.weight),
+                fingerprint=target.fingerprint(),
             )
         )
     return records
