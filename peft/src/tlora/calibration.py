@@ -33,6 +33,7 @@ from .errors import CalibrationError, NonFiniteCalibrationError
 from .hooks import BatchState, CalibrationHooks, Layout, StatisticSums
 from .losses import losses_to_differentiate
 from .targets import TargetModule, check_readable_weights, find_target_modules
+from .weights import differentiable_quantized_layers
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def compute_statistics(
     sums = StatisticSums(getattr(torch, config.statistics_dtype), _statistics_device(config))
     first, batches = _first_batch(calibration_data)
     run = _PassRun(_model_input_device(model), _forward_keys(model), *_shard(shard_batches))
-    with _frozen(model):
+    with _frozen(model), differentiable_quantized_layers((t.module, t.storage) for t in targets):
         layout = probe_layout(model, targets, _prepare_inputs(first, run.device, run.keys))
         hooks = CalibrationHooks(targets, layout, sums, config.sensitivity)
         with hooks.attached(), _progress(show_progress and run.rank == 0, _length(calibration_data)) as progress:

@@ -4,6 +4,9 @@ weights offloaded to `meta`, parameters partitioned by DeepSpeed ZeRO-3)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -63,7 +66,34 @@ def dequantized_weight(module: nn.Module, storage: str) -> torch.Tensor:
     """The module's weight in its stored orientation as a float tensor (a new tensor for quantised layers)."""
     if storage == FLOAT:
         return module.weight.detach()
+    _restore_standard_layout(module)
     from peft.utils.integrations import dequantize_bnb_weight
 
     # PEFT's helper: bitsandbytes' dequantize_4bit with the weight's quant_state, or the 8-bit rows times SCB / 127.
     return dequantize_bnb_weight(module.weight, state=getattr(module, "state", None)).detach()
+
+
+def _restore_standard_layout(module: nn.Module) -> None:
+    """Undo bitsandbytes' CPU inference repacking of a 4-bit weight (done on an eval-mode, no-grad forward on CPUs
+    with AVX512-BF16), as bitsandbytes itself does before saving: that layout has no backward pass."""
+    state = getattr(module.weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+
+
+@contextmanager
+def differentiable_quantized_layers(modules: Iterable[tuple[nn.Module, str]]) -> Iterator[None]:
+    """Within the block, bitsandbytes 4-bit layers (given with their storage kind) run their differentiable kernel:
+    standard weight layout and train mode (a Linear4bit has no dropout; only its CPU kernel choice reads the mode)."""
+    quantized = [module for module, storage in modules if storage == BNB_4BIT]
+    modes = [module.training for module in quantized]
+    try:
+        for module in quantized:
+            _restore_standard_layout(module)
+            module.train()
+        yield
+    finally:
+        for module, mode in zip(quantized, modes):
+            module.train(mode)
