@@ -194,42 +194,38 @@ def check_4bit(device: str, workdir: Path) -> CheckResult:
     return CheckResult(name, "PASS" if ok else "FAIL", details={**errors, "losses": losses, "max_abs_B": trained})
 
 
-def zero3_config(path: Path) -> Path:
-    """A ZeRO-3 DeepSpeed config with the Trainer's 'auto' values."""
-    config = {
-        "zero_optimization": {"stage": 3},
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto",
-        "bf16": {"enabled": "auto"},
-        "fp16": {"enabled": "auto"},
-    }
-    path.write_text(json.dumps(config))
-    return path
-
-
-def deepspeed_command(model_dir: Path, output_dir: Path, config: Path) -> list[str]:
+def deepspeed_command(model_dir: Path, output_dir: Path, config: Path, *extra: str) -> list[str]:
     """`deepspeed --num_gpus 1 math_train.py` for a 3-step TLoRA run on the shipped math sample."""
     return [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(29500 + os.getpid() % 1000),
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
         str(REPO_ROOT / "math_train.py"),
         "--deepspeed", str(config), "--base_model", str(model_dir),
         "--data_path", str(REPO_ROOT / "peft" / "src" / "tlora" / "data" / "sample_math.jsonl"),
         "--method", "tlora", "--lora_r", "4", "--lora_alpha", "8", "--calibration_samples", "8",
         "--calibration_batch_size", "4", "--global_batch_size", "4", "--per_device_train_batch_size", "4",
-        "--max_steps", "3", "--bf16", "--save_strategy", "no", "--disable_tqdm", "true",
-        "--output_dir", str(output_dir),
+        "--max_steps", "3", "--save_strategy", "no", "--disable_tqdm", "true",
+        "--output_dir", str(output_dir), *extra,
     ]
 
 
-def check_deepspeed(workdir: Path, timeout: int = 240) -> CheckResult:
-    """ZeRO-2: a 3-step TLoRA run finishes; ZeRO-3: refused with the message that says to use ZeRO-2."""
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the launcher's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_deepspeed(device: str, workdir: Path, timeout: int = 240) -> CheckResult:
+    """ZeRO-2: a 3-step TLoRA run finishes (bf16 on CUDA); ZeRO-3: refused with the message that says to use ZeRO-2."""
     from tlora.training.toy_model import write_toy_model
 
+    precision = ("--bf16",) if device == "cuda" else ()
     model_dir = write_toy_model(workdir / "ds-model")
     details: dict = {}
     zero2 = subprocess.run(
-        deepspeed_command(model_dir, workdir / "zero2", REPO_ROOT / "config" / "ds_config_zero2_no_offload.json"),
+        deepspeed_command(model_dir, workdir / "zero2", REPO_ROOT / "config" / "ds_config_zero2_no_offload.json", *precision),
         capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
     )
     record_path = workdir / "zero2" / "run_record.json"
@@ -238,7 +234,7 @@ def check_deepspeed(workdir: Path, timeout: int = 240) -> CheckResult:
     if details["zero2_status"] != "finished":
         details["zero2_tail"] = (zero2.stdout + zero2.stderr)[-1500:]
     zero3 = subprocess.run(
-        deepspeed_command(model_dir, workdir / "zero3", zero3_config(workdir / "zero3.json")),
+        deepspeed_command(model_dir, workdir / "zero3", REPO_ROOT / "config" / "ds_config_zero3.json", *precision),
         capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
     )
     details["zero3_refused_clearly"] = "partitioned by DeepSpeed ZeRO-3" in (zero3.stdout + zero3.stderr)
@@ -267,7 +263,7 @@ def run_checks(device: str, workdir: Path, skip: set[str] = frozenset()) -> list
         ("fp16", lambda: check_precision("float16", device)),
         ("split", lambda: check_split(split_devices(device))),
         ("4bit", lambda: check_4bit(device, workdir)),
-        ("deepspeed", lambda: check_deepspeed(workdir)),
+        ("deepspeed", lambda: check_deepspeed(device, workdir)),
     ]
     results = []
     for key, function in checks:

@@ -3,7 +3,6 @@ its clear message, before any calibration pass."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
@@ -13,21 +12,12 @@ from training_helpers import REPO_ROOT, SAMPLE_MATH, deepspeed_command
 
 pytestmark = pytest.mark.slow
 
-ZERO3 = {
-    "zero_optimization": {"stage": 3},
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "train_batch_size": "auto",
-    "bf16": {"enabled": "auto"},
-    "fp16": {"enabled": "auto"},
-}
+ZERO3_CONFIG = REPO_ROOT / "config" / "ds_config_zero3.json"  # the baselines train under it; TLoRA refuses it
 
 
 def test_zero3_is_refused_naming_the_module_and_the_fix(deepspeed_ready, tiny_model_dir, tmp_path):
-    config = tmp_path / "zero3.json"
-    config.write_text(json.dumps(ZERO3))
     arguments = [
-        "--deepspeed", str(config), "--base_model", str(tiny_model_dir), "--data_path", str(SAMPLE_MATH),
+        "--deepspeed", str(ZERO3_CONFIG), "--base_model", str(tiny_model_dir), "--data_path", str(SAMPLE_MATH),
         "--method", "tlora", "--lora_r", "4", "--lora_alpha", "8", "--calibration_samples", "8",
         "--calibration_batch_size", "4", "--global_batch_size", "4", "--per_device_train_batch_size", "4",
         "--max_steps", "2", "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(tmp_path / "run"),
