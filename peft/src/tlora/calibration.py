@@ -32,7 +32,8 @@ from .config import TLoRAConfig
 from .errors import CalibrationError, NonFiniteCalibrationError
 from .hooks import BatchState, CalibrationHooks, Layout, StatisticSums
 from .losses import losses_to_differentiate
-from .targets import TargetModule, find_target_modules, weight_fingerprint
+from .targets import TargetModule, check_readable_weights, find_target_modules
+from .weights import differentiable_quantized_layers
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,11 @@ def compute_statistics(
     """
     config = config or TLoRAConfig()
     targets = targets if targets is not None else find_target_modules(model, config)
-    sums = StatisticSums(getattr(torch, config.statistics_dtype), _statistics_device(config))
+    check_readable_weights(targets)
+    sums = StatisticSums(getattr(torch, config.statistics_dtype), resolve_statistics_device(config))
     first, batches = _first_batch(calibration_data)
     run = _PassRun(_model_input_device(model), _forward_keys(model), *_shard(shard_batches))
-    with _frozen(model):
+    with _frozen(model), differentiable_quantized_layers((t.module, t.storage) for t in targets):
         layout = probe_layout(model, targets, _prepare_inputs(first, run.device, run.keys))
         hooks = CalibrationHooks(targets, layout, sums, config.sensitivity)
         with hooks.attached(), _progress(show_progress and run.rank == 0, _length(calibration_data)) as progress:
@@ -92,7 +94,7 @@ class _PassRun:
     skipped: list = field(default_factory=list)  # samples without a label token
 
 
-def _statistics_device(config: TLoRAConfig) -> Optional[torch.device]:
+def resolve_statistics_device(config: TLoRAConfig) -> Optional[torch.device]:
     """The device the sums are kept on (None: each module's own)."""
     return torch.device(config.statistics_device) if config.statistics_device else None
 
@@ -468,7 +470,7 @@ def _module_records(targets: list[TargetModule], layout: Layout, sensitivity: to
                 layout=kind,
                 covariance_key=key,
                 sensitivity_sum=float(total),
-                fingerprint=weight_fingerprint(target.module.weight),
+                fingerprint=target.fingerprint(),
             )
         )
     return records

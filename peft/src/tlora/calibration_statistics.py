@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import StatisticsMismatchError
-from .targets import TargetModule, weight_fingerprint
+from .targets import TargetModule
 
 STATISTICS_FORMAT = "tlora-statistics"
 STATISTICS_VERSION = 1
@@ -169,7 +169,7 @@ class TLoRAStatistics:
                     f"module {target.name} is {target.out_features}x{target.in_features} in the model but "
                     f"{record.out_features}x{record.in_features} in the statistics"
                 )
-            if check_weights and record.fingerprint != weight_fingerprint(target.module.weight):
+            if check_weights and record.fingerprint != target.fingerprint():
                 raise StatisticsMismatchError(
                     f"the weights of {target.name} differ from those the statistics were computed on "
                     "(another checkpoint?); recompute the statistics for this model"

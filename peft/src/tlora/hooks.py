@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .devices import BatchView, DeviceViews
 from .errors import CalibrationError
 from .targets import TargetModule
 
@@ -61,6 +62,15 @@ class BatchState:
     per_sample_sensitivity: dict = field(default_factory=dict)
     input_flags: list = field(default_factory=list)
     gradient_flags: list = field(default_factory=list)
+    device_views: Optional[DeviceViews] = None  # the tensors above on other devices, built on first request
+
+    def on(self, device: torch.device) -> BatchView:
+        """mask, counts, positions and valid rows on `device` (a model spread over devices), cached per batch."""
+        if device == self.mask.device:
+            return BatchView(self.mask, self.counts, self.positions, self.flat_valid)
+        if self.device_views is None:
+            self.device_views = DeviceViews(BatchView(self.mask, self.counts, self.positions, self.flat_valid))
+        return self.device_views.on(device)
 
     @classmethod
     def for_batch(cls, attention_mask: torch.Tensor, batch_index: int, sample_offset: int) -> "BatchState":
@@ -84,13 +94,16 @@ class BatchState:
     def single_sample(self, sample: int) -> Iterator[None]:
         """Within the block, the state describes sample `sample` alone (for a pass over that sample only)."""
         mask, counts, positions = self.mask, self.counts, self.positions
+        views = self.device_views
         self.mask, self.counts, self.positions = mask[sample : sample + 1], counts[sample : sample + 1], [
             positions[sample]
         ]
+        self.device_views = None
         try:
             yield
         finally:
             self.mask, self.counts, self.positions = mask, counts, positions
+            self.device_views = views
 
 
 def centred_rows(tensor: torch.Tensor, state: BatchState, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,19 +116,20 @@ def centred_rows(tensor: torch.Tensor, state: BatchState, dtype: torch.dtype) ->
             f"features) matching attention_mask {tuple(state.mask.shape)}"
         )
     features = tensor.shape[-1]
+    view = state.on(tensor.device)
     rows = tensor.detach().to(dtype, copy=True)
     if state.all_valid:
         sums = rows.sum(dim=1)
         rows.sub_((sums / length).unsqueeze(1))
     else:
-        padding = ~state.mask.unsqueeze(-1)
+        padding = ~view.mask.unsqueeze(-1)
         rows.masked_fill_(padding, 0.0)
         sums = rows.sum(dim=1)
-        means = sums / state.counts.clamp_min(1).unsqueeze(-1).to(dtype)
+        means = sums / view.counts.clamp_min(1).unsqueeze(-1).to(dtype)
         rows.sub_(means.unsqueeze(1)).masked_fill_(padding, 0.0)
     rows = rows.view(batch * length, features)
-    if state.flat_valid is not None:
-        rows = rows.index_select(0, state.flat_valid)
+    if view.flat_valid is not None:
+        rows = rows.index_select(0, view.flat_valid)
     return rows, sums
 
 
@@ -312,11 +326,13 @@ class CalibrationHooks:
         grad_output: torch.Tensor,
     ) -> None:
         """values_s = sample s's sensitivity from its own gradient dl_s/dW = delta_s^T X_s, formed and freed in turn."""
-        for sample, where in enumerate(self.state.positions):
+        positions = self.state.on(grad_output.device).positions
+        input_positions = self.state.on(inputs.device).positions
+        for sample, where in enumerate(positions):
             delta = grad_output[sample, where].to(weight.dtype)
             if delta.shape[0] == 0:
                 continue
-            inputs_s = inputs[sample, where].detach().to(weight.dtype)
+            inputs_s = inputs[sample, input_positions[sample]].detach().to(device=weight.device, dtype=weight.dtype)
             # dl_s/dW for this sample only, in the weight's own layout, consumed at once.
             gradient = delta.t() @ inputs_s if target.kind == "linear" else inputs_s.t() @ delta
             values[sample] = _mean_weighted_l1(gradient, weight)
@@ -329,9 +345,8 @@ class CalibrationHooks:
         """values_s = the batch's sensitivity from the weight gradient of the batch loss, for every sample."""
         flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
         flat_inputs = inputs.detach().reshape(-1, inputs.shape[-1])
-        valid = self.state.mask.reshape(-1)
-        delta = flat_grad[valid].to(weight.dtype)
-        rows = flat_inputs[valid].to(weight.dtype)
+        delta = flat_grad[self.state.on(flat_grad.device).mask.reshape(-1)].to(weight.dtype)
+        rows = flat_inputs[self.state.on(flat_inputs.device).mask.reshape(-1)].to(device=weight.device, dtype=weight.dtype)
         gradient = delta.t() @ rows if target.kind == "linear" else rows.t() @ delta
         values[:] = _mean_weighted_l1(gradient, weight)
         del gradient

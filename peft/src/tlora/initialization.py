@@ -11,7 +11,7 @@ import torch
 from . import distributed
 from .allocation import TLoRAPlan
 from .calibration_statistics import TLoRAStatistics
-from .targets import TargetModule
+from .targets import TargetModule, check_readable_weights
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ def compute_lora_A(
     broadcast from the rank that computed it.
     """
     rank, world_size = distributed.rank_and_world_size()
+    check_readable_weights(targets)
     by_name = {t.name: t for t in targets}
     adapted = [entry for entry in plan.modules if entry.rank > 0]
     missing = [entry.name for entry in adapted if entry.name not in by_name]

@@ -59,6 +59,7 @@ def per_sample_losses(
     reference = getattr(outputs, "loss", None)
     if logits is None or labels is None:
         return None
+    labels = labels.to(logits.device)  # a model spread over devices: the head's device, not the embeddings'
     if reference is None:
         # A decomposition already verified on an earlier batch: the model was run without labels.
         if kind is None:
@@ -149,10 +150,10 @@ def losses_to_differentiate(
 ) -> LossesToDifferentiate:
     """The per-sample losses, the samples that count and the scalar to backpropagate for one batch's outputs."""
     batch_size = inputs["input_ids"].shape[0]
-    labelled = _has_labels(inputs["labels"])
     if getattr(outputs, "loss", None) is None:  # run without labels: the verified split gives the losses
         return _verified_split(outputs, inputs, model, loss_kind)
     batch_loss = outputs.loss.detach().reshape(1).expand(batch_size)
+    labelled = _has_labels(inputs["labels"]).to(batch_loss.device)  # beside the losses on a multi-device model
     if mode == "batch" or sample_by_sample:
         total = None if sample_by_sample else outputs.loss
         return LossesToDifferentiate(batch_loss, labelled, total, loss_kind, sample_by_sample)

@@ -20,13 +20,14 @@ from peft.tuners.lora import LoraLayer, LoraModel
 
 from . import distributed
 from .allocation import ModuleInfo, TLoRAPlan, derive_plan
+from .calibration import resolve_statistics_device, compute_statistics
+from .calibration_statistics import TLoRAStatistics
 from .config import TLoRAConfig
 from .constants import PLAN_FILE
-from .calibration import compute_statistics
-from .calibration_statistics import TLoRAStatistics
+from .devices import place_statistics
 from .errors import CalibrationError, StatisticsMismatchError
 from .initialization import compute_lora_A, digest_lora_A
-from .targets import find_target_modules
+from .targets import check_readable_weights, find_target_modules
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +186,11 @@ def get_tlora_model(
     if not isinstance(config, TLoRAConfig):
         raise TypeError(f"config must be a TLoRAConfig, got {type(config).__name__}")
     targets = find_target_modules(model, config)
+    check_readable_weights(targets)
     cache = Path(statistics_cache) if statistics_cache is not None else None
     if statistics is None and cache is not None and cache.is_file():
-        statistics = TLoRAStatistics.load(cache)
+        # Each statistic goes to the device of the module it belongs to (or to config.statistics_device).
+        statistics = place_statistics(TLoRAStatistics.load(cache), targets, resolve_statistics_device(config))
         logger.info("Loaded TLoRA statistics from %s; skipping the calibration pass.", cache)
     if statistics is not None:
         statistics.check_matches(targets)

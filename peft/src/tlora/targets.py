@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import TLoRAConfig
 from .errors import CalibrationError
+from .weights import FLOAT, check_weight_readable, dequantized_weight, weight_storage
 
 _SEQUENCE_CLASSIFICATION_HEADS = ("classifier", "score")
 
@@ -25,16 +26,21 @@ class TargetModule:
     name: str
     module: nn.Module
     kind: str  # "linear" or "conv1d" (GPT-2's Conv1D stores W transposed)
+    storage: str = FLOAT  # "float", or "bnb-4bit" / "bnb-8bit" for bitsandbytes layers (read dequantised)
 
     @property
     def out_features(self) -> int:
-        """m, the number of outputs."""
-        return self.module.weight.shape[0] if self.kind == "linear" else self.module.weight.shape[1]
+        """m, the number of outputs (from the module, not from a packed or partitioned weight)."""
+        if self.kind == "linear":
+            return int(getattr(self.module, "out_features", None) or self.module.weight.shape[0])
+        return int(getattr(self.module, "nf", None) or self.module.weight.shape[1])
 
     @property
     def in_features(self) -> int:
-        """n, the number of inputs."""
-        return self.module.weight.shape[1] if self.kind == "linear" else self.module.weight.shape[0]
+        """n, the number of inputs (from the module, not from a packed or partitioned weight)."""
+        if self.kind == "linear":
+            return int(getattr(self.module, "in_features", None) or self.module.weight.shape[1])
+        return int(getattr(self.module, "nx", None) or self.module.weight.shape[0])
 
     def statistic_shape(self, layout: str) -> tuple[int, int]:
         """Shape of the module's statistic: C (n x n) in the "covariance" layout, W C (m x n) in the "cross" one."""
@@ -44,9 +50,13 @@ class TargetModule:
 
     def weight_matrix(self, dtype: torch.dtype, copy: bool = True) -> torch.Tensor:
         """W in (out, in) orientation in `dtype`: a new tensor, or with `copy=False` a view when no cast is needed."""
-        weight = self.module.weight.detach()
+        weight = dequantized_weight(self.module, self.storage)
         weight = weight if self.kind == "linear" else weight.t()
-        return weight.to(dtype=dtype, copy=copy)
+        return weight.to(dtype=dtype, copy=copy and self.storage == FLOAT)
+
+    def fingerprint(self) -> str:
+        """The fingerprint of the weight as stored (dequantised for bitsandbytes layers)."""
+        return weight_fingerprint(dequantized_weight(self.module, self.storage))
 
 
 def _resolve_target_config(model: nn.Module, config: TLoRAConfig) -> TLoRAConfig:
@@ -80,15 +90,16 @@ def find_target_modules(model: nn.Module, config: TLoRAConfig) -> list[TargetMod
         if not name or not check_target_module_exists(resolved, name):
             continue
         if isinstance(module, nn.Linear):
-            targets.append(TargetModule(name, module, "linear"))
+            targets.append(TargetModule(name, module, "linear", weight_storage(name, module)))
         elif isinstance(module, Conv1D):
             targets.append(TargetModule(name, module, "conv1d"))
         else:
             unsupported.append(f"{name} ({type(module).__name__})")
     if unsupported:
         raise CalibrationError(
-            "TLoRA adapts nn.Linear and Conv1D modules only; these targets are of other types: "
-            + ", ".join(unsupported[:8])
+            "TLoRA adapts nn.Linear and Conv1D modules (float, or bitsandbytes 4-bit/8-bit) only; these targets are "
+            "of other types: " + ", ".join(unsupported[:8]) + ". Quantised layers such as GPTQ, AWQ or HQQ cannot "
+            "be calibrated: load the base model unquantised or with bitsandbytes, or exclude these modules"
         )
     if not targets:
         linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
@@ -97,6 +108,12 @@ def find_target_modules(model: nn.Module, config: TLoRAConfig) -> list[TargetMod
             f"{type(model).__name__}. Linear modules look like: {', '.join(linear[:6]) or 'none'}"
         )
     return targets
+
+
+def check_readable_weights(targets: list[TargetModule]) -> None:
+    """Raise `CalibrationError` before any work if a target's weight is offloaded to meta or ZeRO-3 partitioned."""
+    for target in targets:
+        check_weight_readable(target.name, target.module)
 
 
 def weight_fingerprint(weight: torch.Tensor) -> str:

@@ -46,6 +46,21 @@ class ModelArguments:
     attn_implementation: Optional[str] = field(
         default=None, metadata={"help": "Attention kernel passed to from_pretrained, e.g. 'sdpa' or 'flash_attention_2'."}
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "Load the base model quantised to 4 bits with bitsandbytes (QLoRA); the adapter stays in "
+                  "the compute dtype. Needs `pip install bitsandbytes`."},
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Load the base model quantised to 8 bits with bitsandbytes (LLM.int8())."}
+    )
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit data type with --load_in_4bit.", "choices": ["nf4", "fp4"]}
+    )
+
+    def __post_init__(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load_in_4bit and --load_in_8bit exclude each other; pass one of them")
 
 
 @dataclass

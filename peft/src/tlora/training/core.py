@@ -194,19 +194,48 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def quantization_config(model_args: ModelArguments, dtype: torch.dtype) -> Optional[Any]:
+    """The bitsandbytes configuration of --load_in_4bit / --load_in_8bit (None when neither is set)."""
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type, bnb_4bit_compute_dtype=dtype
+        )
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def check_quantized_method(model_args: ModelArguments, method: str) -> None:
+    """Refuse full fine-tuning of a quantised base before anything is loaded."""
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and method == "full":
+        raise ValueError(
+            "--method full cannot train a base loaded with --load_in_4bit/--load_in_8bit (quantised weights are "
+            "frozen); choose an adapter method such as --method tlora, or drop the quantisation flag"
+        )
+
+
 def load_base_model(
     task: TaskDefaults,
     model_args: ModelArguments,
     dtype: torch.dtype,
     tokenizer: PreTrainedTokenizerBase,
     labels: Optional[Sequence[Any]] = None,
+    *,
+    device: Optional[torch.device] = None,
 ) -> torch.nn.Module:
-    """The base model of the task (causal LM, or sequence classifier with a fresh head for `labels`)."""
+    """The base model of the task (causal LM, or sequence classifier with a fresh head for `labels`); a quantised
+    base is placed on `device` while loading and prepared for k-bit training as PEFT recommends."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
+    quantization = quantization_config(model_args, dtype)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": device if device is not None else "cpu"}
     if task.kind == SEQUENCE_CLASSIFICATION:
         id2label = {i: str(label) for i, label in enumerate(labels)}
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -221,6 +250,11 @@ def load_base_model(
     else:
         model = AutoModelForCausalLM.from_pretrained(model_args.base_model, **kwargs)
     model.config.use_cache = False
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Gradient checkpointing stays with --gradient_checkpointing (TrainingArguments), as for unquantised bases.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 
 
@@ -443,9 +477,11 @@ def train(
         calibration = draw_calibration(data, method_args, training_args.seed, collator)
 
     with training_args.main_process_first(desc="loading the base model"):
+        check_quantized_method(model_args, method_args.method)
         dtype = model_dtype(model_args, training_args, method_args.method)
-        model = load_base_model(task, model_args, dtype, tokenizer, data.labels)
-    model.to(training_args.device)
+        model = load_base_model(task, model_args, dtype, tokenizer, data.labels, device=training_args.device)
+    if not getattr(model, "is_quantized", False):  # a quantised base was placed while loading
+        model.to(training_args.device)
     total_steps = estimate_total_steps(len(data.train), training_args)
     record = initial_record(task, model_args, data_args, method_args, training_args, data, calibration, resume)
     if is_main:
