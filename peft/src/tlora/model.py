@@ -155,7 +155,7 @@ def apply_plan(
             niter=config.svd_niter,
             show_progress=show_progress,
         )
-    lora_config = config.to_lora_config(plan)
+    lora_config = config.to_lora_config(plan, module_names=[name for name, _ in model.named_modules()])
     peft_model = get_peft_model(
         model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
     )
