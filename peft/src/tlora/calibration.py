@@ -187,6 +187,28 @@ def _validate_batch(batch: Any, index: int) -> None:
         raise CalibrationError(
             f"calibration batch {index}: input_ids must be (batch, sequence), got {tuple(batch['input_ids'].shape)}"
         )
+    _reject_packed(batch, index)
+
+
+def _reject_packed(batch: Mapping[str, Any], index: int) -> None:
+    """Raise `CalibrationError` if a row holds several packed sequences (its position_ids restart inside the row's
+    valid positions); TLoRA centres and differentiates per sample, so a packed row would silently count as one."""
+    positions = batch.get("position_ids")
+    if not torch.is_tensor(positions) or positions.dim() != 2 or positions.shape[1] < 2:
+        return
+    positions = positions.to("cpu", torch.int64).expand(batch["input_ids"].shape)
+    mask = batch.get("attention_mask")
+    valid = mask.to("cpu").bool() if torch.is_tensor(mask) else torch.ones_like(positions, dtype=torch.bool)
+    for row in range(positions.shape[0]):
+        values = positions[row][valid[row]]
+        restarts = (values[1:] <= values[:-1]).nonzero().flatten()
+        if restarts.numel():
+            raise CalibrationError(
+                f"calibration batch {index}, row {row} packs several sequences (its position_ids restart after "
+                f"valid token {int(restarts[0]) + 1}); TLoRA centres inputs and takes the sensitivity per sample, so "
+                "a packed row would count as one sample. Calibrate on unpacked rows: one sample per row, padded, "
+                "with an attention_mask (e.g. DataCollatorForSeq2Seq, not DataCollatorWithFlattening or packing)"
+            )
 
 
 def _prepare_inputs(batch: Mapping[str, Any], device: torch.device, keys: Optional[set]) -> dict:
