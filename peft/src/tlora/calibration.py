@@ -56,16 +56,21 @@ def compute_statistics(
     config = config or TLoRAConfig()
     targets = targets if targets is not None else find_target_modules(model, config)
     sums = StatisticSums(getattr(torch, config.statistics_dtype), _statistics_device(config))
-    first, batches = _first_batch(calibration_data)
     run = _PassRun(_model_input_device(model), _forward_keys(model), *_shard(shard_batches))
-    with _frozen(model):
-        layout = probe_layout(model, targets, _prepare_inputs(first, run.device, run.keys))
-        hooks = CalibrationHooks(targets, layout, sums, config.sensitivity)
-        with hooks.attached(), _progress(show_progress and run.rank == 0, _length(calibration_data)) as progress:
-            for batch_index, batch in enumerate(batches):
-                _calibrate_batch(model, batch, batch_index, hooks, run, config)
-                if progress is not None:
-                    progress.update(1)
+    failure = None
+    try:
+        first, batches = _first_batch(calibration_data)
+        with _frozen(model):
+            layout = probe_layout(model, targets, _prepare_inputs(first, run.device, run.keys))
+            hooks = CalibrationHooks(targets, layout, sums, config.sensitivity)
+            with hooks.attached(), _progress(show_progress and run.rank == 0, _length(calibration_data)) as progress:
+                for batch_index, batch in enumerate(batches):
+                    _calibrate_batch(model, batch, batch_index, hooks, run, config)
+                    if progress is not None:
+                        progress.update(1)
+    except Exception as error:  # agreed on below, so that no other rank is left waiting in the all-reduce
+        failure = error
+    distributed.raise_if_any_rank_failed(failure)
     _warn_unlabelled(run.skipped)
     return _finalise(sums, targets, layout, run, config)
 
