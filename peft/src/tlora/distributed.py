@@ -12,7 +12,10 @@ import torch.distributed as dist
 from .errors import CalibrationError, NonFiniteCalibrationError, StatisticsMismatchError
 
 # Errors that keep their class when another rank's failure is raised on this rank; any other becomes a RuntimeError.
-_SHARED_ERRORS = {cls.__name__: cls for cls in (CalibrationError, NonFiniteCalibrationError, StatisticsMismatchError)}
+_SHARED_ERRORS = {
+    cls.__name__: cls
+    for cls in (CalibrationError, NonFiniteCalibrationError, StatisticsMismatchError, FileNotFoundError, ValueError)
+}
 
 
 def is_distributed() -> bool:
