@@ -1,24 +1,15 @@
 """A statistics cache records which calibration rows made it and is reused only for the same rows."""
 
 import copy
-import json
-import os
-import pathlib
-import socket
-import subprocess
-import sys
-import textwrap
-import time
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from conftest import LLAMA_TARGETS, pad_batches
-from tlora import StatisticsMismatchError, TLoRAConfig, get_tlora_model
+from tlora import StatisticsMismatchError, TLoRAConfig, TLoRAStatistics, get_tlora_model
 from tlora.statistics_cache import RowDigest
-
-HERE = pathlib.Path(__file__).resolve().parent
+from two_ranks import run_two_ranks
 
 
 def _config():
@@ -72,49 +63,12 @@ def test_a_cache_from_other_rows_seed_or_cutoff_is_an_error_naming_the_change(ll
         _calibrate(llama, batches, cache, **arguments)
 
 
-WORKER = textwrap.dedent(
-    """
-    import datetime, json, sys, time
-    import torch.distributed as dist
-    sys.path.insert(0, {here!r})
-    from conftest import LLAMA_TARGETS, make_samples, pad_batches
-    from tlora import TLoRAConfig, get_tlora_model
-    from tlora.toy import byte_tokenizer, tiny_llama
+CACHE_PER_NODE = """
+cache = sys.argv[1] + f"/node{rank}/cache.safetensors"  # a filesystem each rank has on its own
 
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
-    rank = dist.get_rank()
-    model = tiny_llama(hidden_size=32, num_layers=2, intermediate_size=48, num_heads=4, seed=0)
-    batches = pad_batches(make_samples(byte_tokenizer()), 2)
-    config = TLoRAConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM")
-    cache = sys.argv[1] + f"/node{{rank}}/cache.safetensors"  # a filesystem each rank has on its own
-    start = time.monotonic()
-    try:
-        get_tlora_model(model, config, batches, statistics_cache=cache, show_progress=False)
-        outcome = {{"error": None}}
-    except Exception as error:
-        outcome = {{"error": type(error).__name__, "message": str(error)}}
-    outcome["seconds"] = time.monotonic() - start
-    with open(sys.argv[1] + f"/rank{{rank}}.json", "w") as handle:
-        json.dump(outcome, handle)
-    """
-)
-
-
-def _run_two_ranks(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(here=str(HERE)))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    processes = []
-    for rank in (0, 1):
-        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
-                   WORLD_SIZE="2", LOCAL_RANK=str(rank))
-        processes.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path))
-    deadline = time.monotonic() + 150
-    for process in processes:
-        process.wait(timeout=max(1, deadline - time.monotonic()))
-    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+def calibrate():
+    get_tlora_model(model, config, batches, statistics_cache=cache, show_progress=False)
+"""
 
 
 @pytest.mark.slow
@@ -123,8 +77,19 @@ def test_rank_0_decides_on_the_cache_and_a_rank_without_the_file_fails_on_every_
     (tmp_path / "node1").mkdir()
     # Only rank 0's node holds a cache, made from the same rows the workers use.
     _calibrate(llama, pad_batches(samples, 2), tmp_path / "node0" / "cache.safetensors")
-    outcomes = _run_two_ranks(tmp_path)
+    outcomes = run_two_ranks(CACHE_PER_NODE, tmp_path)
     assert [o["error"] for o in outcomes] == ["FileNotFoundError"] * 2
     assert outcomes[0]["message"] == outcomes[1]["message"]
     assert "rank 1 has no such file" in outcomes[0]["message"] and "every rank sees it" in outcomes[0]["message"]
     assert max(o["seconds"] for o in outcomes) < 20
+
+
+@pytest.mark.slow
+def test_a_cache_only_on_another_rank_is_ignored_when_rank_0_has_none(llama, samples, tmp_path):
+    (tmp_path / "node0").mkdir()
+    (tmp_path / "node1").mkdir()
+    # Only rank 1's node holds a cache (from other rows): rank 0 decides to calibrate, so every rank does.
+    _calibrate(llama, pad_batches(samples[:4], 2), tmp_path / "node1" / "cache.safetensors")
+    outcomes = run_two_ranks(CACHE_PER_NODE, tmp_path)
+    assert [o["error"] for o in outcomes] == [None, None]
+    assert TLoRAStatistics.load(tmp_path / "node0" / "cache.safetensors").calibration["rows"] == str(len(samples))
