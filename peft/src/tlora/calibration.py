@@ -58,16 +58,22 @@ def compute_statistics(
     targets = targets if targets is not None else find_target_modules(model, config)
     check_readable_weights(targets)
     sums = StatisticSums(getattr(torch, config.statistics_dtype), resolve_statistics_device(config))
-    first, batches = _first_batch(calibration_data)
     run = _PassRun(_model_input_device(model), _forward_keys(model), *_shard(shard_batches))
-    with _frozen(model), differentiable_quantized_layers((t.module, t.storage) for t in targets):
-        layout = probe_layout(model, targets, _prepare_inputs(first, run.device, run.keys))
-        hooks = CalibrationHooks(targets, layout, sums, config.sensitivity)
-        with hooks.attached(), _progress(show_progress and run.rank == 0, _length(calibration_data)) as progress:
-            for batch_index, batch in enumerate(batches):
-                _calibrate_batch(model, batch, batch_index, hooks, run, config)
-                if progress is not None:
-                    progress.update(1)
+    run.loss_scale = initial_loss_scale(model)
+    failure = None
+    try:
+        first, batches = _first_batch(calibration_data)
+        with _frozen(model), differentiable_quantized_layers((t.module, t.storage) for t in targets):
+            layout = probe_layout(model, targets, _prepare_inputs(first, run.device, run.keys))
+            hooks = CalibrationHooks(targets, layout, sums, config.sensitivity)
+            with hooks.attached(), _progress(show_progress and run.rank == 0, _length(calibration_data)) as progress:
+                for batch_index, batch in enumerate(batches):
+                    _calibrate_batch(model, batch, batch_index, hooks, run, config)
+                    if progress is not None:
+                        progress.update(1)
+    except Exception as error:  # agreed on below, so that no other rank is left waiting in the all-reduce
+        failure = error
+    distributed.raise_if_any_rank_failed(failure)
     _warn_unlabelled(run.skipped)
     return _finalise(sums, targets, layout, run, config)
 
@@ -92,6 +98,7 @@ class _PassRun:
     loss_kind: Optional[str] = None  # the per-sample split of the loss, once verified
     sample_by_sample: bool = False  # no split applies: one pass per sample
     skipped: list = field(default_factory=list)  # samples without a label token
+    loss_scale: float = 1.0  # the differentiated losses are multiplied by it (float16 models; see _unscale)
 
 
 def resolve_statistics_device(config: TLoRAConfig) -> Optional[torch.device]:
@@ -189,6 +196,28 @@ def _validate_batch(batch: Any, index: int) -> None:
         raise CalibrationError(
             f"calibration batch {index}: input_ids must be (batch, sequence), got {tuple(batch['input_ids'].shape)}"
         )
+    _reject_packed(batch, index)
+
+
+def _reject_packed(batch: Mapping[str, Any], index: int) -> None:
+    """Raise `CalibrationError` if a row holds several packed sequences (its position_ids restart inside the row's
+    valid positions); TLoRA centres and differentiates per sample, so a packed row would silently count as one."""
+    positions = batch.get("position_ids")
+    if not torch.is_tensor(positions) or positions.dim() != 2 or positions.shape[1] < 2:
+        return
+    positions = positions.to("cpu", torch.int64).expand(batch["input_ids"].shape)
+    mask = batch.get("attention_mask")
+    valid = mask.to("cpu").bool() if torch.is_tensor(mask) else torch.ones_like(positions, dtype=torch.bool)
+    for row in range(positions.shape[0]):
+        values = positions[row][valid[row]]
+        restarts = (values[1:] <= values[:-1]).nonzero().flatten()
+        if restarts.numel():
+            raise CalibrationError(
+                f"calibration batch {index}, row {row} packs several sequences (its position_ids restart after "
+                f"valid token {int(restarts[0]) + 1}); TLoRA centres inputs and takes the sensitivity per sample, so "
+                "a packed row would count as one sample. Calibrate on unpacked rows: one sample per row, padded, "
+                "with an attention_mask (e.g. DataCollatorForSeq2Seq, not DataCollatorWithFlattening or packing)"
+            )
 
 
 def _prepare_inputs(batch: Mapping[str, Any], device: torch.device, keys: Optional[set]) -> dict:
@@ -349,7 +378,8 @@ def _calibrate_batch(
     hooks.state = state
     valid = _batched_pass(model, inputs, state, run, config)
     if run.sample_by_sample:
-        _per_sample_passes(model, inputs, state, valid)
+        _per_sample_passes(model, inputs, state, valid, run.loss_scale)
+    _unscale(model, inputs, state, valid, run, config)
     _check_flags(state.gradient_flags, state, "output gradient")
     _record_batch(hooks, state, valid, run, batch_size)
     hooks.state = None
@@ -383,12 +413,14 @@ def _batched_pass(
             state.saved_inputs.clear()
         _check_flags(state.input_flags, state, "input", torch.isfinite(split.losses) | ~valid)
         if split.total is not None:
-            split.total.backward()
+            (split.total * run.loss_scale).backward()
         del outputs, split
     return valid
 
 
-def _per_sample_passes(model: nn.Module, inputs: dict, state: BatchState, valid: torch.Tensor) -> None:
+def _per_sample_passes(
+    model: nn.Module, inputs: dict, state: BatchState, valid: torch.Tensor, loss_scale: float = 1.0
+) -> None:
     """Fallback for losses that cannot be split: one forward and backward pass per labelled sample (the covariance
     was already collected by the batched pass)."""
     batch_size = valid.shape[0]
@@ -407,11 +439,60 @@ def _per_sample_passes(model: nn.Module, inputs: dict, state: BatchState, valid:
             state.per_sample_sensitivity = {}
             with torch.enable_grad():
                 outputs = model(**single)
-                outputs.loss.backward()
+                (outputs.loss * loss_scale).backward()
         for name, values in state.per_sample_sensitivity.items():
             totals.setdefault(name, torch.zeros(batch_size, dtype=torch.float64, device=values.device))
             totals[name][sample] = values[0]
     state.per_sample_sensitivity = totals
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss scaling (float16 models)
+# ---------------------------------------------------------------------------------------------------------------
+
+FP16_INITIAL_LOSS_SCALE = 2.0**16  # as torch.amp.GradScaler's default
+LOSS_SCALE_BACKOFF = 2.0**4  # the scale is divided by this on an overflow and the batch's backward pass redone
+
+
+def initial_loss_scale(model: nn.Module) -> float:
+    """The loss scale the calibration backward pass starts with: FP16_INITIAL_LOSS_SCALE for float16 models, else 1."""
+    if not any(parameter.dtype == torch.float16 for parameter in model.parameters()):
+        return 1.0
+    logger.info(
+        "float16 model: the TLoRA calibration backward pass multiplies each loss by a loss scale (starting at %g, "
+        "divided by %g on an overflow) and divides |W * G| by it, so that small gradients do not underflow.",
+        FP16_INITIAL_LOSS_SCALE,
+        LOSS_SCALE_BACKOFF,
+    )
+    return FP16_INITIAL_LOSS_SCALE
+
+
+def _gradients_finite(state: BatchState) -> bool:
+    """Whether every per-sample sensitivity of the batch is finite (one device sync)."""
+    flags = [flag.all() for _, flag in state.gradient_flags]
+    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all().item())
+
+
+def _unscale(
+    model: nn.Module, inputs: dict, state: BatchState, valid: torch.Tensor, run: _PassRun, config: TLoRAConfig
+) -> None:
+    """Divide the batch's sensitivities by the loss scale; while the scaled gradients overflow, lower the scale and
+    redo the batch's backward pass (sensitivity only: the covariance is already accumulated)."""
+    while run.loss_scale > 1.0 and not _gradients_finite(state):
+        run.loss_scale = max(1.0, run.loss_scale / LOSS_SCALE_BACKOFF)
+        logger.info("TLoRA calibration: gradients overflowed in batch %d; loss scale lowered to %g and the batch's "
+                    "backward pass redone.", state.batch_index, run.loss_scale)
+        state.calls.clear()
+        state.saved_inputs.clear()
+        state.per_sample_sensitivity, state.gradient_flags, state.input_flags = {}, [], []
+        state.collect_covariance = False
+        if run.sample_by_sample:
+            _per_sample_passes(model, inputs, state, valid, run.loss_scale)
+        else:
+            _batched_pass(model, inputs, state, run, config)
+    if run.loss_scale != 1.0:
+        for values in state.per_sample_sensitivity.values():
+            values.div_(run.loss_scale)
 
 
 def _record_batch(hooks: CalibrationHooks, state: BatchState, valid: torch.Tensor, run: _PassRun, batch_size: int):

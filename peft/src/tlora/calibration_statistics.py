@@ -19,6 +19,7 @@ from .targets import TargetModule
 
 STATISTICS_FORMAT = "tlora-statistics"
 STATISTICS_VERSION = 1
+CALIBRATION_PREFIX = "calibration."  # safetensors header keys that record the calibration rows, seed and cut-off
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TLoRAStatistics:
     sensitivity_mode: str = "per_sample"
     dtype: str = "float32"
     extra: dict = field(default_factory=dict)
+    calibration: dict[str, str] = field(default_factory=dict)  # which rows made them (see statistics_cache.py)
 
     def module(self, name: str) -> ModuleStatistics:
         """The record of module `name` (KeyError if absent)."""
@@ -118,6 +120,7 @@ class TLoRAStatistics:
             "version": str(STATISTICS_VERSION),
             "statistics": json.dumps(self._metadata()),
         }
+        metadata.update({CALIBRATION_PREFIX + key: str(value) for key, value in self.calibration.items()})
         temporary = path.with_name(path.name + ".tmp")
         save_file(tensors, str(temporary), metadata=metadata)
         temporary.replace(path)
@@ -149,6 +152,7 @@ class TLoRAStatistics:
             sensitivity_mode=description["sensitivity_mode"],
             dtype=description["dtype"],
             extra=description.get("extra", {}),
+            calibration={k[len(CALIBRATION_PREFIX) :]: v for k, v in metadata.items() if k.startswith(CALIBRATION_PREFIX)},
         )
 
     def check_matches(self, targets: list[TargetModule], check_weights: bool = True) -> None:

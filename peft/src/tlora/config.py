@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -11,6 +13,30 @@ from peft import LoraConfig
 SENSITIVITY_MODES = ("per_sample", "batch")
 SVD_METHODS = ("gram", "exact", "randomized")
 STATISTICS_DTYPES = ("float32", "float64")
+
+
+def exact_pattern_key(module_name: str) -> str:
+    """A PEFT `rank_pattern` / `alpha_pattern` key that matches the module `module_name` and no other.
+
+    PEFT 0.21 (`peft.utils.other.get_pattern_key`) tries `re.match(rf"(.*\\.)?({key})$", name)` for each key in
+    turn, so a bare name `layers.1.q` would also capture `enc.layers.1.q`, and its dots match any character. The
+    escaped, `^`-anchored name only matches when the optional prefix is empty, i.e. the full name exactly.
+    """
+    return f"^{re.escape(module_name)}$"
+
+
+def exact_pattern_keys(pattern: Mapping[str, float]) -> dict[str, float]:
+    """`pattern` (module name -> value) with every key turned into an `exact_pattern_key`."""
+    return {exact_pattern_key(name): value for name, value in pattern.items()}
+
+
+def exact_target_modules(names: list[str], module_names: Optional[Iterable[str]] = None) -> list[str] | str:
+    """PEFT `target_modules` that select exactly `names`: the plain list when no other module's name ends with
+    `.<name>` (PEFT matches list entries as name suffixes), else one regular expression PEFT matches in full."""
+    others = set(module_names or ()) - set(names)
+    if module_names is not None and not any(other.endswith("." + name) for other in others for name in names):
+        return list(names)
+    return "(?:" + "|".join(re.escape(name) for name in names) + ")"
 
 
 @dataclass
@@ -101,13 +127,15 @@ class TLoRAConfig(LoraConfig):
         names = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
         return {name: getattr(self, name) for name in names}
 
-    def to_lora_config(self, plan) -> LoraConfig:
-        """A standard `LoraConfig` that realises `plan`: its modules, `rank_pattern` and `alpha_pattern`."""
+    def to_lora_config(self, plan, module_names: Optional[Iterable[str]] = None) -> LoraConfig:
+        """A standard `LoraConfig` that realises `plan`: its modules, `rank_pattern` and `alpha_pattern` (pattern keys
+        that each match exactly one module; `module_names`, all names in the model, lets the module list stay a
+        plain list when no adapted name is a suffix of another module's name)."""
         kwargs = self.lora_config_kwargs()
         kwargs.update(
-            target_modules=list(plan.target_modules()),
-            rank_pattern=plan.rank_pattern(),
-            alpha_pattern=plan.alpha_pattern(),
+            target_modules=exact_target_modules(plan.target_modules(), module_names),
+            rank_pattern=exact_pattern_keys(plan.rank_pattern()),
+            alpha_pattern=exact_pattern_keys(plan.alpha_pattern()),
             init_lora_weights=True,
         )
         # These were resolved into the explicit list of module names above.

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
+
+from .errors import CalibrationError, NonFiniteCalibrationError, StatisticsMismatchError
+
+# Errors that keep their class when another rank's failure is raised on this rank; any other becomes a RuntimeError.
+_SHARED_ERRORS = {
+    cls.__name__: cls
+    for cls in (CalibrationError, NonFiniteCalibrationError, StatisticsMismatchError, FileNotFoundError, ValueError)
+}
 
 
 def is_distributed() -> bool:
@@ -84,3 +92,26 @@ def check_identical_across_ranks(payload: bytes, what: str) -> None:
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     if not torch.equal(low, high):
         raise RuntimeError(f"ranks disagree on {what}; every rank must derive the identical TLoRA plan and A")
+
+
+def raise_if_any_rank_failed(error: Optional[BaseException]) -> None:
+    """Raise `error`; under torch.distributed first agree (one all-reduce) whether any rank failed, so the failure of
+    one rank becomes the same error on every rank instead of leaving the others waiting in a later collective.
+
+    Call it on every rank at the same point, before the next collective, with the exception this rank caught (or
+    None). The error of the lowest failing rank is raised everywhere, naming that rank.
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    rank, world_size = rank_and_world_size()
+    first_failed = torch.tensor([rank if error is not None else world_size], device=communication_device())
+    dist.all_reduce(first_failed, op=dist.ReduceOp.MIN)
+    source = int(first_failed.item())
+    if source == world_size:
+        return
+    described = [type(error).__name__, str(error)] if rank == source else None
+    name, message = broadcast_json(described, src=source)
+    agreed = _SHARED_ERRORS.get(name, RuntimeError)(f"rank {source} failed: {name}: {message}")
+    raise agreed from error

@@ -20,13 +20,14 @@ from peft.tuners.lora import LoraLayer, LoraModel
 
 from . import distributed
 from .allocation import ModuleInfo, TLoRAPlan, derive_plan
-from .calibration import resolve_statistics_device, compute_statistics
+from .calibration import compute_statistics, resolve_statistics_device
 from .calibration_statistics import TLoRAStatistics
 from .config import TLoRAConfig
 from .constants import PLAN_FILE
 from .devices import place_statistics
 from .errors import CalibrationError, StatisticsMismatchError
 from .initialization import compute_lora_A, digest_lora_A
+from .statistics_cache import cached_statistics
 from .targets import check_readable_weights, find_target_modules
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def apply_plan(
             niter=config.svd_niter,
             show_progress=show_progress,
         )
-    lora_config = config.to_lora_config(plan)
+    lora_config = config.to_lora_config(plan, module_names=[name for name, _ in model.named_modules()])
     peft_model = get_peft_model(
         model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
     )
@@ -173,33 +174,36 @@ def get_tlora_model(
     *,
     statistics: Optional[TLoRAStatistics] = None,
     statistics_cache: Optional[str | Path] = None,
+    calibration_seed: Optional[int] = None,
+    calibration_cutoff_len: Optional[int] = None,
     adapter_name: str = "default",
     autocast_adapter_dtype: bool = True,
     show_progress: bool = True,
 ) -> PeftModel:
     """Calibrate, allocate and initialise in one call; returns a `peft.PeftModel` whose tuner is a `TLoRAModel`.
 
-    Statistics come from `statistics` if given, else from `statistics_cache` if that safetensors file exists (it is
-    written after a fresh calibration pass), else from a calibration pass over `calibration_data`. The plan is
-    available as `model.base_model.tlora_plan(adapter_name)`.
+    Statistics come from `statistics` if given, else from `statistics_cache` if that safetensors file exists on rank
+    0 (it is written after a fresh calibration pass, with a digest of the rows and `calibration_seed` /
+    `calibration_cutoff_len`, and reused only for the same ones), else from a calibration pass over
+    `calibration_data`. The plan is available as `model.base_model.tlora_plan(adapter_name)`.
     """
     if not isinstance(config, TLoRAConfig):
         raise TypeError(f"config must be a TLoRAConfig, got {type(config).__name__}")
     targets = find_target_modules(model, config)
     check_readable_weights(targets)
-    cache = Path(statistics_cache) if statistics_cache is not None else None
-    if statistics is None and cache is not None and cache.is_file():
-        # Each statistic goes to the device of the module it belongs to (or to config.statistics_device).
-        statistics = place_statistics(TLoRAStatistics.load(cache), targets, resolve_statistics_device(config))
-        logger.info("Loaded TLoRA statistics from %s; skipping the calibration pass.", cache)
     if statistics is not None:
         statistics.check_matches(targets)
+    elif statistics_cache is not None:
+        statistics = cached_statistics(
+            model, calibration_data, config, targets, statistics_cache, seed=calibration_seed,
+            cutoff_len=calibration_cutoff_len, show_progress=show_progress,
+        )
+        # A loaded cache is on the CPU: each statistic goes to its module's device (or config.statistics_device).
+        statistics = place_statistics(statistics, targets, resolve_statistics_device(config))
     else:
         if calibration_data is None:
             raise CalibrationError("get_tlora_model needs calibration_data (or statistics / a statistics_cache file)")
         statistics = compute_statistics(model, calibration_data, config, targets=targets, show_progress=show_progress)
-        if cache is not None and distributed.rank_and_world_size()[0] == 0:
-            statistics.save(cache)
     plan = plan_from_statistics(statistics, config)
     # Every rank derives the plan from all-reduced sums; rank 0's copy is authoritative and the others must agree.
     plan = TLoRAPlan.from_dict(distributed.broadcast_json(plan.to_dict(), src=0))

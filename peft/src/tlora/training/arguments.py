@@ -167,7 +167,14 @@ class MethodArguments:
     )
     statistics_cache: Optional[str] = field(
         default=None,
-        metadata={"help": "TLoRA: safetensors file to reuse calibration statistics from (written if absent)."},
+        metadata={
+            "help": "TLoRA: safetensors file to reuse calibration statistics from (written if absent; reused only "
+            "for the same calibration rows and seed, decided by rank 0)."
+        },
+    )
+    statistics_device: Optional[str] = field(
+        default=None,
+        metadata={"help": "TLoRA: device that holds the calibration statistics (e.g. 'cpu'); default each module's."},
     )
     # ----- baselines -----
     loraplus_lr_ratio: float = field(default=16.0, metadata={"help": "LoRA+: learning-rate ratio lr_B / lr_A."})

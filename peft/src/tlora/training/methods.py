@@ -445,6 +445,7 @@ def tlora_config(context: MethodContext):
         allocate_scales=arguments.allocate_scales,
         sensitivity=arguments.sensitivity,
         svd_method=arguments.svd_method,
+        statistics_device=arguments.statistics_device,
     )
 
 
@@ -501,6 +502,7 @@ def build_tlora(context: MethodContext) -> BuiltMethod:
             config,
             calibration.loader(context.arguments.calibration_batch_size),
             statistics_cache=context.arguments.statistics_cache,
+            calibration_seed=calibration.seed,
             show_progress=context.is_main_process,
         )
         plan = model.base_model.tlora_plan()

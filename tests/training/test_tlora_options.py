@@ -1,0 +1,43 @@
+"""--statistics_device and --statistics_cache reach TLoRA, with the calibration seed for the cache's record."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import TaskType
+
+import tlora
+from tlora.training.core import parse_training_arguments
+from tlora.training.data import CalibrationSet
+from tlora.training.methods import MethodContext, build_tlora, tlora_config
+from training_helpers import load_task
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_statistics_options_reach_tlora(tmp_path, monkeypatch):
+    cache = tmp_path / "stats.safetensors"
+    _, _, method, training = parse_training_arguments(
+        load_task("math_train.py"), ["--statistics_device", "cpu", "--statistics_cache", str(cache)]
+    )
+    assert (method.statistics_device, method.statistics_cache) == ("cpu", str(cache))
+    calibration = CalibrationSet(dataset=[], indices=[], seed=1234, collator=None)
+    context = MethodContext(
+        model=torch.nn.Linear(2, 2), arguments=method, training_args=training, task_type=TaskType.CAUSAL_LM,
+        calibration=calibration, output_dir=tmp_path, total_steps=1,
+    )
+    assert tlora_config(context).statistics_device == "cpu"
+    seen = {}
+
+    def fake_get_tlora_model(model, config, data, **kwargs):
+        seen.update(kwargs, statistics_device=config.statistics_device)
+        raise _Stop
+
+    monkeypatch.setattr(tlora, "get_tlora_model", fake_get_tlora_model)
+    monkeypatch.setattr("tlora.training.methods.base_weights_fingerprint", lambda model, config: "")
+    with pytest.raises(_Stop):
+        build_tlora(context)
+    assert seen["statistics_cache"] == str(cache)
+    assert seen["calibration_seed"] == 1234 and seen["statistics_device"] == "cpu"
