@@ -6,9 +6,8 @@ import pytest
 import torch
 from peft import TaskType
 
-import tlora
 from tlora.training.core import parse_training_arguments
-from tlora.training.data import CalibrationSet
+from tlora.training.data import CalibrationSet, PaddingCollator
 from tlora.training.methods import MethodContext, build_tlora, tlora_config
 from training_helpers import load_task
 
@@ -23,7 +22,7 @@ def test_statistics_options_reach_tlora(tmp_path, monkeypatch):
         load_task("math_train.py"), ["--statistics_device", "cpu", "--statistics_cache", str(cache)]
     )
     assert (method.statistics_device, method.statistics_cache) == ("cpu", str(cache))
-    calibration = CalibrationSet(dataset=[], indices=[], seed=1234, collator=None)
+    calibration = CalibrationSet(dataset=[], indices=[], seed=1234, collator=PaddingCollator(0))
     context = MethodContext(
         model=torch.nn.Linear(2, 2), arguments=method, training_args=training, task_type=TaskType.CAUSAL_LM,
         calibration=calibration, output_dir=tmp_path, total_steps=1,
@@ -35,7 +34,7 @@ def test_statistics_options_reach_tlora(tmp_path, monkeypatch):
         seen.update(kwargs, statistics_device=config.statistics_device)
         raise _Stop
 
-    monkeypatch.setattr(tlora, "get_tlora_model", fake_get_tlora_model)
+    monkeypatch.setattr("tlora.training.methods.get_tlora_model", fake_get_tlora_model)
     monkeypatch.setattr("tlora.training.methods.base_weights_fingerprint", lambda model, config: "")
     with pytest.raises(_Stop):
         build_tlora(context)
