@@ -281,6 +281,10 @@ class _Calibration:
         self.calibration = calibration
         self.method = method
 
+    def __getattr__(self, name: str):
+        """Everything else (seed, indices, record) is the wrapped calibration set's."""
+        return getattr(self.calibration, name)
+
     def loader(self, batch_size: int):
         loader = self.calibration.loader(batch_size)
         if self.method != "eva":

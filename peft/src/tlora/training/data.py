@@ -330,7 +330,9 @@ class CalibrationSet:
         """The calibration samples in draw order, in batches (the same on every rank), padded only to the longest
         sample of the batch: a batch of one holds no padding at all, whatever the training collator rounds to."""
         subset = torch.utils.data.Subset(self.dataset, self.indices)
-        collator = dataclasses.replace(self.collator, pad_to_multiple_of=None)
+        collator = self.collator
+        if dataclasses.is_dataclass(collator) and getattr(collator, "pad_to_multiple_of", None):
+            collator = dataclasses.replace(collator, pad_to_multiple_of=None)  # any other collator is used as given
         return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collator)
 
     def record(self) -> dict[str, Any]:
