@@ -59,7 +59,7 @@ def sizes(scale: str) -> dict[str, Any]:
     """Hyper-parameters of the part (the same for every method)."""
     common = {"data_seed": 0, "lr_scheduler_type": "cosine", "warmup_ratio": 0.03, "eval_batch_size": 16}
     if scale == "tiny":
-        return {**common, "r": 4, "lora_alpha": 4, "max_steps": 2, "batch_size": 2, "cutoff_len": 64,
+        return {**common, "r": 4, "lora_alpha": 4, "max_steps": 2, "batch_size": 2, "cutoff_len": 768,
                 "learning_rate": 1e-3, "seeds": 1, "calibration_samples": 4, "calibration_batch_size": 2,
                 "train_per_task": 4, "test_per_task": 2, "math_train": 8, "math_test": 3, "math_max_new_tokens": 8,
                 "commonsense_max_new_tokens": 4, "eva_max_passes": 1}
@@ -175,9 +175,20 @@ def evaluation_command(task: str, config: dict, data: dict, model_dir: Path, out
             "--max_new_tokens", str(config["math_max_new_tokens"])]
 
 
-def _run_logged(command: list[str], log_path: Path, timeout_s: float) -> float:
-    """Run `command` with its output in `log_path`; the wall time in seconds (a failure names the log)."""
+def _run_logged(command: list[str], log_path: Path, timeout_s: float, in_process: bool = False) -> float:
+    """Run `command` with its output in `log_path` (or, for the smoke test, the script in this process); the wall
+    time in seconds (a failure names the log)."""
     started = time.perf_counter()
+    if in_process:
+        import runpy
+
+        saved = sys.argv
+        sys.argv = command[1:]
+        try:
+            runpy.run_path(command[1], run_name="__main__")
+        finally:
+            sys.argv = saved
+        return time.perf_counter() - started
     with open(log_path, "w") as log:
         completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s,
                                    env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -188,17 +199,17 @@ def _run_logged(command: list[str], log_path: Path, timeout_s: float) -> float:
 
 
 def run_one(task: str, method: str, seed: int, config: dict, data: dict, base_model: str, work: Path,
-            device: str, timeout_s: float) -> dict:
+            device: str, timeout_s: float, in_process: bool = False) -> dict:
     """Train and score one (task, method, seed); the numbers from the run record and the scorer's result."""
     run_dir = work / "runs" / f"{task}-{method}-{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     train_s = _run_logged(training_command(task, method, seed, config, data, base_model, run_dir, device),
-                          work / f"{task}-{method}-{seed}.train.log", timeout_s)
+                          work / f"{task}-{method}-{seed}.train.log", timeout_s, in_process)
     record = json.loads((run_dir / "run_record.json").read_text())
     result_path = work / f"{task}-{method}-{seed}.eval.json"
     eval_s = _run_logged(evaluation_command(task, config, data, run_dir, result_path, device),
-                         work / f"{task}-{method}-{seed}.eval.log", timeout_s)
+                         work / f"{task}-{method}-{seed}.eval.log", timeout_s, in_process)
     scored = json.loads(result_path.read_text())
     out = {
         "task": task, "method": method, "seed": seed,
@@ -291,11 +302,12 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     try:
         base_model = base_model_path(settings.scale, work)
         data = {"commonsense": prepare_commonsense(data_dir, work, config), "math": prepare_math(data_dir, work, config)}
-        todo = [(t, m, s) for s in range(config["seeds"]) for t in tasks for m in methods if (t, m, s) not in done]
+        # Task by task, seed by seed: a run cut short still leaves complete seeds of the first task.
+        todo = [(t, m, s) for t in tasks for s in range(config["seeds"]) for m in methods if (t, m, s) not in done]
         log(f"real: {len(todo)} runs to do ({len(done)} already in {path.name}); logs in {work}")
         for index, (task, method, seed) in enumerate(todo, start=1):
             result = run_one(task, method, seed, config, data[task], base_model, work, settings.device,
-                             settings.timeout_s)
+                             settings.timeout_s, in_process=settings.isolation == "in-process")
             runs.append(result)
             extra = f"loss {result['heldout_loss']:.4f}" if task == "math" else ""
             log(f"[{index}/{len(todo)}] {task} {method} seed {seed}: acc {result['accuracy']:.3f} {extra} "
