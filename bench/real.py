@@ -35,24 +35,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from common import REPO_ROOT, Settings, fmt, machine_info, markdown_table, part_header, target_check, write_json
-from quality import _mean, _std, shared_data_dir
+from quality import LABELS, METHODS, _mean, _std, shared_data_dir
 
 PART = "real"
 COMMONSENSE_TASKS = ("boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 TASKS = ("commonsense", "math")
-# bench name -> (training-core method, rank factor)
-METHODS = {
-    "lora": ("lora", 1.0),
-    "lora_half": ("lora", 0.5),
-    "dora": ("dora", 1.0),
-    "pissa": ("pissa", 1.0),
-    "corda": ("corda", 1.0),
-    "loraga": ("loraga", 1.0),
-    "eva": ("eva", 1.0),
-    "tlora": ("tlora", 1.0),
-}
-LABELS = {"lora": "LoRA r", "lora_half": "LoRA r/2", "pissa": "PiSSA", "dora": "DoRA", "corda": "CorDA (IPM)",
-          "eva": "EVA", "loraga": "LoRA-GA", "tlora": "TLoRA"}
+# METHODS (bench name -> training-core method, rank factor) and LABELS are part 4's.
 
 
 def sizes(scale: str) -> dict[str, Any]:
@@ -324,8 +312,11 @@ def _write(settings: Settings, started: float, machine: dict, config: dict, data
            runs: list[dict]) -> dict:
     """The part's JSON from the runs so far (written after every run)."""
     summary = table(runs)
+    header = part_header(PART, settings, machine, started)
     result = {
-        **part_header(PART, settings, machine, started),
+        **header,
+        # A resumed part keeps the runs of earlier invocations: every command that contributed runs.
+        "commands": _COMMANDS.setdefault("all", _earlier_commands(settings) + [settings.command]),
         "duration_s": time.time() - started,
         "config": {**config},
         "learning_rate_rule": f"one fixed learning rate {config['learning_rate']:g} for every method and task "
@@ -338,6 +329,17 @@ def _write(settings: Settings, started: float, machine: dict, config: dict, data
     }
     write_json(settings, PART, result)
     return result
+
+
+_COMMANDS: dict[str, list[str]] = {}
+
+
+def _earlier_commands(settings: Settings) -> list[str]:
+    path = settings.results_dir / f"{PART}.json"
+    if settings.quick or not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    return [c for c in data.get("commands", [data.get("command")]) if c]
 
 
 def table(runs: list[dict]) -> dict:
@@ -423,17 +425,22 @@ def markdown(data: dict) -> str:
         row = [LABELS[method], fmt(any_entry["trainable_parameters"]), fmt(any_entry["parameters_over_lora"])]
         if method in cs:
             row += [f"{cs[method]['per_task_mean'].get(t, float('nan')) * 100:.1f}" for t in COMMONSENSE_TASKS]
-            row += [f"{cs[method]['accuracy_mean'] * 100:.2f} ± {cs[method]['accuracy_std'] * 100:.2f}"]
+            row += [f"{cs[method]['accuracy_mean'] * 100:.2f} ± {cs[method]['accuracy_std'] * 100:.2f} "
+                    f"(n={len(cs[method]['seeds'])})"]
         else:
             row += ["—"] * (len(COMMONSENSE_TASKS) + 1)
         if method in math:
-            row += [f"{math[method]['heldout_loss_mean']:.4f} ± {math[method]['heldout_loss_std']:.4f}",
+            row += [f"{math[method]['heldout_loss_mean']:.4f} ± {math[method]['heldout_loss_std']:.4f} "
+                    f"(n={len(math[method]['seeds'])})",
                     f"{math[method]['accuracy_mean'] * 100:.1f}"]
         else:
             row += ["—", "—"]
         row += [f"{cs[method]['initialization_s_mean']:.1f} / {cs[method]['training_s_mean']:.1f}" if method in cs
                 else "—"]
         rows.append(row)
-    lines += [markdown_table(headers, rows), ""]
+    lines += [markdown_table(headers, rows), "",
+              "Commands that contributed runs (the part resumes): " + "; ".join(f"`{c}`" for c in
+                                                                            data.get("commands", [data["command"]])),
+              ""]
     lines += targets_markdown(data["targets"])
     return "\n".join(lines)
