@@ -5,6 +5,8 @@
     python bench/run.py --quality            # part 4 as well (quality on all-MiniLM-L6-v2; longer)
     python bench/run.py --parts quality      # part 4 only
     python bench/run.py --quick              # small sizes: a smoke run of every selected part in a few minutes
+    python bench/run.py --parts real         # SmolLM2-135M-Instruct trained by the task scripts (~70 min on 2 cores)
+    python bench/run.py --parts real_perf    # calibration, decomposition and generation cost on SmolLM2 (~3 min)
 
 Timings are only comparable within one run: every part measures its baselines in the same run, interleaves the
 repetitions and reports ratios. Each measurement runs in a fresh process (unless --in-process) so that its peak
@@ -28,7 +30,7 @@ if str(BENCH_DIR) not in sys.path:
 
 from common import ISOLATIONS, RESULTS_DIR, Settings, describe_machine, prepare_isolation, resolve_device  # noqa: E402,E501
 
-PARTS = ("init_cost", "memory", "train_step", "quality")
+PARTS = ("init_cost", "memory", "train_step", "quality", "real", "real_perf")
 DEFAULT_PARTS = ("init_cost", "memory", "train_step")
 PART_NUMBERS = {"1": "init_cost", "2": "memory", "3": "train_step", "4": "quality"}
 SUMMARY_FILE = "SUMMARY.md"
@@ -38,7 +40,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=None,
-                        help=f"Comma-separated parts (names or numbers 1-4) from {', '.join(PARTS)}. "
+                        help=f"Comma-separated parts (names, or numbers 1-4 for the first four) from {', '.join(PARTS)}. "
                              f"Default: {', '.join(DEFAULT_PARTS)} (plus quality with --quality).")
     parser.add_argument("--quality", action="store_true", help="Also run part 4 (quality on all-MiniLM-L6-v2).")
     parser.add_argument("--quick", action="store_true", help="Small sizes, for smoke tests; numbers are not meaningful.")
@@ -58,7 +60,12 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="Quality: the task whose validation split chooses each method's learning rate "
                              "(default math_type).")
     parser.add_argument("--methods", default=None,
-                        help="Quality: comma-separated subset of lora,lora_half,pissa,dora,corda,eva,loraga,tlora.")
+                        help="Quality and real: comma-separated subset of lora,lora_half,pissa,dora,corda,eva,loraga,tlora.")
+    parser.add_argument("--real-tasks", default=None,
+                        help="Real: comma-separated subset of commonsense,math (default both).")
+    parser.add_argument("--real-sizes", default=None,
+                        help="Real: KEY=VALUE overrides of the sizes, e.g. max_steps=40,batch_size=8,cutoff_len=256 "
+                             "(see bench/real.py sizes()).")
     parser.add_argument("--tasks", default=None,
                         help="Quality: comma-separated tasks (default math_type,social_i_qa): math_type or any "
                              "multiple-choice set of ../shared/data/commonsense (piqa, social_i_qa, ARC-Easy, ...).")
@@ -146,7 +153,8 @@ def main(argv=None) -> int:
         timeout_s=arguments.timeout,
         threads=arguments.threads,
         extra={"seeds": arguments.seeds, "epochs": arguments.epochs, "sweep_task": arguments.sweep_task,
-               "tasks": arguments.tasks, "methods": arguments.methods,
+               "tasks": arguments.tasks, "methods": arguments.methods, "real_tasks": arguments.real_tasks,
+               "real_sizes": arguments.real_sizes,
                "data_dir": str(arguments.data_dir) if arguments.data_dir else None},
     )
     prepare_isolation(settings)
