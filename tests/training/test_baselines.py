@@ -238,3 +238,16 @@ def test_eva_rank_patterns_are_checked_against_rank_0(differ, tmp_path):
     else:
         assert all("EVA: the ranks derived different rank patterns" in m for m in messages)
         assert "['model.layers.0.mlp.up_proj']" in messages[1] and "at 1 modules" in messages[1]
+
+
+def test_eva_refuses_calibration_batches_with_fewer_tokens_than_its_largest_rank():
+    from tlora.training.methods import check_eva_batches
+
+    labels = torch.tensor([[-100, -100, 5, 6, 7], [-100, 3, 4, -100, -100]])  # 5 labelled tokens
+    batch = {"attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]), "labels": labels}
+    check_eva_batches([batch], needed=5, token_labels=True)
+    with pytest.raises(ValueError, match=r"r x rho = 6 tokens per calibration batch, but batch 0 has 5"):
+        check_eva_batches([batch], needed=6, token_labels=True)
+    check_eva_batches([batch], needed=8, token_labels=False)  # sequence labels: the attention mask counts (8)
+    with pytest.raises(ValueError, match="raise --calibration_batch_size"):
+        check_eva_batches([batch, {**batch, "attention_mask": torch.zeros(2, 5, dtype=torch.long)}], 8, False)

@@ -25,8 +25,9 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager, Optional
@@ -388,6 +389,20 @@ def check_rank_pattern_across_ranks(rank_pattern: dict[str, int], method: str) -
         ) from None
 
 
+def check_eva_batches(loader: Iterable[dict[str, torch.Tensor]], needed: int, token_labels: bool) -> None:
+    """Refuse calibration batches with fewer selected tokens than EVA's largest rank (r x rho): PEFT's incremental
+    PCA then fails deep inside with "'IncrementalPCA' object has no attribute 'components_'"."""
+    for index, batch in enumerate(loader):
+        selected = batch["attention_mask"].bool()
+        if token_labels and "labels" in batch:
+            selected = selected & (batch["labels"] != -100)
+        if int(selected.sum()) < needed:
+            raise ValueError(
+                f"EVA needs at least r x rho = {needed} tokens per calibration batch, but batch {index} has "
+                f"{int(selected.sum())} (labelled) tokens; raise --calibration_batch_size or lower --eva_rho"
+            )
+
+
 def build_eva(context: MethodContext) -> BuiltMethod:
     """EVA: A from an incremental SVD of the layer inputs on the calibration set; ranks redistributed by rho."""
     from peft import EvaConfig, initialize_lora_eva_weights
@@ -403,6 +418,7 @@ def build_eva(context: MethodContext) -> BuiltMethod:
         eva_config=EvaConfig(rho=arguments.eva_rho, tau=arguments.eva_tau, use_label_mask=token_labels),
     )
     loader = calibration.loader(arguments.calibration_batch_size)
+    check_eva_batches(loader, math.ceil(config.r * arguments.eva_rho), token_labels)
     forward = _BoundedEvaForward(arguments.eva_max_passes * len(loader))
     start = time.perf_counter()
     model = get_peft_model(context.model, config, low_cpu_mem_usage=True)
