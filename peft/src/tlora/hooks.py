@@ -97,7 +97,8 @@ class BatchState:
 
 def centred_rows(tensor: torch.Tensor, state: BatchState, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """`tensor` (batch, sequence, features) at valid positions, centred per sample, as rows in `dtype` (a new
-    tensor); plus the per-sample sums used for the finiteness check."""
+    tensor); plus the per-sample sums used for the finiteness check. Relies on `state.flat_valid` being set
+    whenever the batch has padding."""
     batch, length = state.mask.shape
     if tensor.dim() != 3 or tensor.shape[:2] != (batch, length):
         raise CalibrationError(
@@ -105,20 +106,18 @@ def centred_rows(tensor: torch.Tensor, state: BatchState, dtype: torch.dtype) ->
             f"features) matching attention_mask {tuple(state.mask.shape)}"
         )
     features = tensor.shape[-1]
-    rows = tensor.detach().to(dtype, copy=True)
-    if state.all_valid:
-        sums = rows.sum(dim=1)
-        rows.sub_((sums / length).unsqueeze(1))
-    else:
-        padding = ~state.mask.unsqueeze(-1)
-        rows.masked_fill_(padding, 0.0)
-        sums = rows.sum(dim=1)
-        means = sums / state.counts.clamp_min(1).unsqueeze(-1).to(dtype)
-        rows.sub_(means.unsqueeze(1)).masked_fill_(padding, 0.0)
-    rows = rows.view(batch * length, features)
     if state.flat_valid is not None:
-        rows = rows.index_select(0, state.flat_valid)
-    return rows, sums
+        # Gather the valid rows first (in sample order), then centre each sample's run of rows.
+        rows = tensor.detach().reshape(batch * length, features).index_select(0, state.flat_valid).to(dtype)
+        sample_of_row = state.flat_valid // length
+        sums = rows.new_zeros(batch, features).index_add_(0, sample_of_row, rows)
+        means = sums / state.counts.clamp_min(1).unsqueeze(-1).to(dtype)
+        rows.sub_(means.index_select(0, sample_of_row))
+        return rows, sums
+    rows = tensor.detach().to(dtype, copy=True)  # no padding: every row is valid
+    sums = rows.sum(dim=1)
+    rows.sub_((sums / max(length, 1)).unsqueeze(1))
+    return rows.view(batch * length, features), sums
 
 
 # ---------------------------------------------------------------------------------------------------------------
