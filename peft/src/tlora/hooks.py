@@ -332,16 +332,18 @@ class CalibrationHooks:
         self, values: torch.Tensor, target: TargetModule, weight: torch.Tensor, inputs: torch.Tensor,
         grad_output: torch.Tensor,
     ) -> None:
-        """values_s = sample s's sensitivity from its own gradient dl_s/dW = delta_s^T X_s, formed and freed in turn."""
+        """values_s = sample s's sensitivity from its own gradient dl_s/dW = delta_s^T X_s, formed in turn in one
+        reused buffer."""
+        gradient = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         for sample, where in enumerate(self.state.positions):
             delta = grad_output[sample, where].to(weight.dtype)
             if delta.shape[0] == 0:
                 continue
             inputs_s = inputs[sample, where].detach().to(weight.dtype)
             # dl_s/dW for this sample only, in the weight's own layout, consumed at once.
-            gradient = delta.t() @ inputs_s if target.kind == "linear" else inputs_s.t() @ delta
-            values[sample] = _mean_weighted_l1(gradient, weight)
-            del gradient
+            left, right = (delta, inputs_s) if target.kind == "linear" else (inputs_s, delta)
+            values[sample] = _mean_weighted_l1(torch.mm(left.t(), right, out=gradient), weight)
+        del gradient
 
     def _fill_batch_sensitivity(
         self, values: torch.Tensor, target: TargetModule, weight: torch.Tensor, inputs: torch.Tensor,
