@@ -46,6 +46,26 @@ def test_statistics_match_float64_reference_on_padded_batches(llama, samples, re
         assert statistics.sensitivity(name) == pytest.approx(sensitivity[name], rel=1e-4), name
 
 
+def test_covariance_blocks_of_wide_modules_match_float64_reference(samples):
+    # hidden 256: the covariances are accumulated by column blocks (upper triangle) and mirrored at the end.
+    from tlora.toy import tiny_llama
+
+    model = tiny_llama(hidden_size=256, num_layers=1, intermediate_size=320, num_heads=4, seed=0)
+    names = [t.name for t in find_target_modules(model, _config())]
+    covariance, sensitivity, weights = reference_statistics(model, samples, names)
+    statistics = compute_statistics(model, pad_batches(samples, 4), _config(), show_progress=False)
+    for name in names:
+        record = statistics.module(name)
+        if record.layout == "covariance":
+            got = statistics.covariance(name).double()
+            assert torch.equal(got, got.t()), name
+            assert torch.linalg.norm(got - covariance[name]) <= 1e-5 * torch.linalg.norm(covariance[name]), name
+        expected_m = weights[name] @ covariance[name]
+        got_m = statistics.weighted_covariance(name, weights[name].clone())
+        assert torch.linalg.norm(got_m - expected_m) <= 1e-5 * torch.linalg.norm(expected_m), name
+        assert statistics.sensitivity(name) == pytest.approx(sensitivity[name], rel=1e-4), name
+
+
 def test_shared_inputs_store_one_covariance_and_down_proj_stores_w_c(llama, samples):
     statistics = compute_statistics(llama, pad_batches(samples, 3), _config(), show_progress=False)
     layer = "model.layers.0"

@@ -561,6 +561,7 @@ def _finalise(
     sums: StatisticSums, targets: list[TargetModule], layout: Layout, run: _PassRun, config: TLoRAConfig
 ) -> TLoRAStatistics:
     """All-reduce the sums across ranks and package them."""
+    sums.complete_covariances()
     for target in targets:
         if target.name not in sums.sensitivity_sums:
             sums.sensitivity_sums[target.name] = torch.zeros((), dtype=torch.float64)

@@ -52,7 +52,7 @@ class BatchState:
     mask: torch.Tensor  # (B, T) bool, on the model's input device
     counts: torch.Tensor  # (B,) valid positions per sample
     positions: list  # per sample: slice or index tensor of valid positions
-    flat_valid: Optional[torch.Tensor]  # indices of valid rows in the flattened (B*T) view, when packing pays
+    flat_valid: Optional[torch.Tensor]  # indices of valid rows in the flattened (B*T) view, when there is padding
     all_valid: bool = False  # no padding at all in this batch
     collect_covariance: bool = True
     collect_sensitivity: bool = True
@@ -74,11 +74,13 @@ class BatchState:
 
     @classmethod
     def for_batch(cls, attention_mask: torch.Tensor, batch_index: int, sample_offset: int) -> "BatchState":
-        """The state of a batch: its mask, valid positions per sample and, when packing pays, the valid rows."""
+        """The state of a batch: its mask, valid positions per sample and, when there is padding, the valid rows."""
         mask = attention_mask.bool()
         counts = mask.sum(dim=1)
         packed = None
-        if mask.numel() and counts.sum().item() < 0.75 * mask.numel():
+        # Any padding: the covariance products then skip the padded rows (their cost grows with the rows, the
+        # copy that drops them is cheap next to them).
+        if mask.numel() and counts.sum().item() < mask.numel():
             packed = mask.reshape(-1).nonzero().flatten()
         return cls(
             batch_index=batch_index,
@@ -93,22 +95,25 @@ class BatchState:
     @contextmanager
     def single_sample(self, sample: int) -> Iterator[None]:
         """Within the block, the state describes sample `sample` alone (for a pass over that sample only)."""
-        mask, counts, positions = self.mask, self.counts, self.positions
+        mask, counts, positions, flat_valid = self.mask, self.counts, self.positions, self.flat_valid
         views = self.device_views
         self.mask, self.counts, self.positions = mask[sample : sample + 1], counts[sample : sample + 1], [
             positions[sample]
         ]
+        row = mask[sample]
+        self.flat_valid = None if bool(row.all()) else row.nonzero().flatten()  # rows of this sample alone
         self.device_views = None
         try:
             yield
         finally:
-            self.mask, self.counts, self.positions = mask, counts, positions
+            self.mask, self.counts, self.positions, self.flat_valid = mask, counts, positions, flat_valid
             self.device_views = views
 
 
 def centred_rows(tensor: torch.Tensor, state: BatchState, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """`tensor` (batch, sequence, features) at valid positions, centred per sample, as rows in `dtype` (a new
-    tensor); plus the per-sample sums used for the finiteness check."""
+    tensor); plus the per-sample sums used for the finiteness check. Relies on `state.flat_valid` being set
+    whenever the batch has padding."""
     batch, length = state.mask.shape
     if tensor.dim() != 3 or tensor.shape[:2] != (batch, length):
         raise CalibrationError(
@@ -117,20 +122,18 @@ def centred_rows(tensor: torch.Tensor, state: BatchState, dtype: torch.dtype) ->
         )
     features = tensor.shape[-1]
     view = state.on(tensor.device)
-    rows = tensor.detach().to(dtype, copy=True)
-    if state.all_valid:
-        sums = rows.sum(dim=1)
-        rows.sub_((sums / length).unsqueeze(1))
-    else:
-        padding = ~view.mask.unsqueeze(-1)
-        rows.masked_fill_(padding, 0.0)
-        sums = rows.sum(dim=1)
-        means = sums / view.counts.clamp_min(1).unsqueeze(-1).to(dtype)
-        rows.sub_(means.unsqueeze(1)).masked_fill_(padding, 0.0)
-    rows = rows.view(batch * length, features)
     if view.flat_valid is not None:
-        rows = rows.index_select(0, view.flat_valid)
-    return rows, sums
+        # Gather the valid rows first (in sample order), then centre each sample's run of rows.
+        rows = tensor.detach().reshape(batch * length, features).index_select(0, view.flat_valid).to(dtype)
+        sample_of_row = view.flat_valid // length
+        sums = rows.new_zeros(batch, features).index_add_(0, sample_of_row, rows)
+        means = sums / view.counts.clamp_min(1).unsqueeze(-1).to(dtype)
+        rows.sub_(means.index_select(0, sample_of_row))
+        return rows, sums
+    rows = tensor.detach().to(dtype, copy=True)  # no padding: every row is valid
+    sums = rows.sum(dim=1)
+    rows.sub_((sums / max(length, 1)).unsqueeze(1))
+    return rows.view(batch * length, features), sums
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,6 +165,20 @@ class StatisticSums:
         else:
             buffer.add_((left.t() @ right).to(buffer.device))
 
+    def add_gram(self, buffer: torch.Tensor, rows: torch.Tensor) -> None:
+        """buffer += rows^T rows on the upper block triangle only (`complete_covariances` mirrors it): the
+        products of a symmetric C cost about 5/8 of the full one."""
+        edges = _gram_block_edges(rows.shape[1])
+        for start, stop in zip(edges[:-1], edges[1:]):
+            self.add_product(buffer[start:stop, start:], rows[:, start:stop], rows[:, start:])
+
+    def complete_covariances(self) -> None:
+        """Mirror the upper block triangle accumulated by `add_gram` into the lower one (idempotent)."""
+        for covariance in self.covariances.values():
+            edges = _gram_block_edges(covariance.shape[1])
+            for start, stop in zip(edges[1:-1], edges[2:]):
+                covariance[start:stop, :start].copy_(covariance[:start, start:stop].t())
+
     def add_sensitivities(self, per_sample: dict[str, torch.Tensor], weights: torch.Tensor) -> None:
         """sensitivity_sums[l] += sum_s weights_s g_{l,s}."""
         for name, values in per_sample.items():
@@ -177,6 +194,12 @@ class StatisticSums:
             if key not in store:
                 device = self.statistics_device or target.module.weight.device
                 store[key] = torch.zeros(target.statistic_shape(kind), dtype=self.dtype, device=device)
+
+
+def _gram_block_edges(features: int) -> list[int]:
+    """Column blocks of a Gram matrix accumulated by blocks (4 from 256 features up, else one)."""
+    blocks = 4 if features >= 256 else 1
+    return [features * block // blocks for block in range(blocks + 1)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,7 +301,7 @@ class CalibrationHooks:
         if layout == "covariance":
             state.shared_inputs[name] = inputs
             buffer = self.sums.buffer(self.sums.covariances, key, (rows.shape[1],) * 2, rows.device)
-            self.sums.add_product(buffer, rows, rows)
+            self.sums.add_gram(buffer, rows)
         else:
             self._accumulate_cross(name, rows, output)
         del rows
@@ -325,18 +348,20 @@ class CalibrationHooks:
         self, values: torch.Tensor, target: TargetModule, weight: torch.Tensor, inputs: torch.Tensor,
         grad_output: torch.Tensor,
     ) -> None:
-        """values_s = sample s's sensitivity from its own gradient dl_s/dW = delta_s^T X_s, formed and freed in turn."""
+        """values_s = sample s's sensitivity from its own gradient dl_s/dW = delta_s^T X_s, formed in turn in one
+        reused buffer."""
         positions = self.state.on(grad_output.device).positions
         input_positions = self.state.on(inputs.device).positions
+        gradient = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         for sample, where in enumerate(positions):
             delta = grad_output[sample, where].to(weight.dtype)
             if delta.shape[0] == 0:
                 continue
             inputs_s = inputs[sample, input_positions[sample]].detach().to(device=weight.device, dtype=weight.dtype)
             # dl_s/dW for this sample only, in the weight's own layout, consumed at once.
-            gradient = delta.t() @ inputs_s if target.kind == "linear" else inputs_s.t() @ delta
-            values[sample] = _mean_weighted_l1(gradient, weight)
-            del gradient
+            left, right = (delta, inputs_s) if target.kind == "linear" else (inputs_s, delta)
+            values[sample] = _mean_weighted_l1(torch.mm(left.t(), right, out=gradient), weight)
+        del gradient
 
     def _fill_batch_sensitivity(
         self, values: torch.Tensor, target: TargetModule, weight: torch.Tensor, inputs: torch.Tensor,
@@ -361,4 +386,5 @@ def _stored_weight(target: TargetModule, dtype: torch.dtype) -> torch.Tensor:
 def _mean_weighted_l1(gradient: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """mean_ij |W_ij G_ij|, overwriting `gradient`; the reduction accumulates in at least float32."""
     reduce_dtype = torch.promote_types(weight.dtype, torch.float32)
-    return torch.linalg.vector_norm(gradient.mul_(weight), ord=1, dtype=reduce_dtype) / weight.numel()
+    # abs_ + sum: one fused pass each, about 3x faster on CPU than linalg.vector_norm(ord=1) with a dtype.
+    return gradient.mul_(weight).abs_().sum(dtype=reduce_dtype) / weight.numel()

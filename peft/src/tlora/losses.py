@@ -83,11 +83,15 @@ def _token_losses(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> tupl
         # Shift the labels, not the logits: position t predicts token t + 1 (as transformers' ForCausalLMLoss).
         labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
     batch, length, vocabulary = logits.shape
+    # Only the labelled positions: the log-softmax over the vocabulary (and its backward) skips prompt and padding.
+    flat_labels = labels.reshape(-1)
+    labelled = (flat_labels != -100).nonzero().flatten()
     token_losses = nn.functional.cross_entropy(
-        logits.reshape(batch * length, vocabulary).float(), labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(batch, length)
+        logits.reshape(batch * length, vocabulary).index_select(0, labelled).float(), flat_labels[labelled],
+        reduction="none",
+    )
     counts = (labels != -100).sum(dim=1)
-    sums = token_losses.sum(dim=1)
+    sums = token_losses.new_zeros(batch).index_add_(0, labelled // length, token_losses)
     valid = counts > 0
     losses = torch.where(valid, sums / counts.clamp_min(1), torch.zeros_like(sums))
     batch_mean = sums.sum() / counts.sum().clamp_min(1)

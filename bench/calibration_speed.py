@@ -1,0 +1,183 @@
+"""Calibration time against its floor on SmolLM2-135M-Instruct: `tlora.compute_statistics` (default
+`TLoRAConfig(r=8)`, all seven projections) versus forward+backward passes with gradients on the 210 target weights
+only, over the same 2 padded batches x 8 samples of <= 192 tokens (labels on the response part).
+
+Cases run interleaved in one process (floor, tlora, [baseline], then reversed, ...) and the table shows medians.
+`--baseline-src DIR` also times another copy of the package (e.g. `git archive <commit> peft/src/tlora | tar -x -C
+/tmp/base` then `--baseline-src /tmp/base/peft/src/tlora`), loaded under the name `tlora_baseline`, so before/after
+ratios come from the same run. `--tiny` uses a tiny random Llama instead (smoke mode, numbers not meaningful).
+
+    python bench/calibration_speed.py [--repeats 3] [--tiny] [--baseline-src DIR] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Optional
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "calibration_speed.json"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def load_model(tiny: bool) -> torch.nn.Module:
+    """SmolLM2-135M-Instruct in float32 (or a tiny random Llama), in eval mode."""
+    if tiny:
+        from tlora.toy import tiny_llama
+
+        model = tiny_llama(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_key_value_heads=2)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        from tlora.pretrained import smollm2_path
+
+        model = AutoModelForCausalLM.from_pretrained(str(smollm2_path()), torch_dtype=torch.float32)
+    return model.eval()
+
+
+def make_batches(vocab_size: int, num_batches: int, batch_size: int, max_length: int, seed: int = 0) -> list[dict]:
+    """Right-padded batches of random tokens with lengths in [max_length/2, max_length]; labels on the last ~60%."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_batches):
+        lengths = torch.randint(max_length // 2, max_length + 1, (batch_size,), generator=generator)
+        length = int(lengths.max())
+        input_ids = torch.zeros(batch_size, length, dtype=torch.long)
+        attention_mask = torch.zeros(batch_size, length, dtype=torch.long)
+        labels = torch.full((batch_size, length), -100, dtype=torch.long)
+        for row, sample_length in enumerate(lengths.tolist()):
+            tokens = torch.randint(3, vocab_size, (sample_length,), generator=generator)
+            prompt = int(sample_length * 0.4)
+            input_ids[row, :sample_length] = tokens
+            attention_mask[row, :sample_length] = 1
+            labels[row, prompt:sample_length] = tokens[prompt:]
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    return batches
+
+
+def floor_pass(model: torch.nn.Module, batches: list[dict]) -> None:
+    """Forward+backward over the batches with gradients on the target weights only (the model's batch loss)."""
+    targets = [m.weight for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for weight in targets:
+        weight.requires_grad_(True)
+    try:
+        for batch in batches:
+            model(**batch, use_cache=False).loss.backward()
+            for weight in targets:
+                weight.grad = None
+    finally:
+        for weight in targets:
+            weight.requires_grad_(False)
+
+
+def load_package_copy(source: Path, name: str = "tlora_baseline") -> ModuleType:
+    """Import the package folder `source` (a copy of peft/src/tlora) under `name`."""
+    spec = importlib.util.spec_from_file_location(name, source / "__init__.py", submodule_search_locations=[str(source)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def calibration_pass(package: ModuleType) -> Callable[[torch.nn.Module, list[dict]], object]:
+    """compute_statistics of `package` with the default TLoRAConfig(r=8) on the seven projections."""
+
+    def run(model: torch.nn.Module, batches: list[dict]) -> object:
+        config = package.TLoRAConfig(r=8, target_modules=TARGETS)
+        return package.compute_statistics(model, batches, config, show_progress=False)
+
+    return run
+
+
+def timed(function: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    start, cpu = time.perf_counter(), time.process_time()
+    function()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def measure(cases: dict[str, Callable], model: torch.nn.Module, batches: list[dict], repeats: int) -> dict:
+    """Interleaved repetitions (A B C, C B A, ...) after one warm-up of each case; (wall, CPU) seconds per case."""
+    for run in cases.values():
+        run(model, batches)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
+    order = list(cases)
+    for repeat in range(repeats):
+        for name in order if repeat % 2 == 0 else reversed(order):
+            times[name].append(timed(lambda: cases[name](model, batches)))
+    return times
+
+
+def profile_case(run: Callable, model: torch.nn.Module, batches: list[dict], rows: int = 25) -> str:
+    """torch.profiler table (self CPU time) of one call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(model, batches)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Measure, print the table and write bench/results/calibration_speed.json."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="tiny random Llama (smoke mode)")
+    parser.add_argument("--baseline-src", type=Path, help="another copy of the tlora package to time alongside")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per case")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    import tlora
+
+    torch.manual_seed(0)
+    model = load_model(args.tiny)
+    max_length = 32 if args.tiny else 192
+    batches = make_batches(model.config.vocab_size, 2, 8 if not args.tiny else 4, max_length)
+    cases: dict[str, Callable] = {"floor": floor_pass, "compute_statistics": calibration_pass(tlora)}
+    if args.baseline_src:
+        cases["baseline compute_statistics"] = calibration_pass(load_package_copy(args.baseline_src.resolve()))
+    times = measure(cases, model, batches, args.repeats)
+    wall = {name: [w for w, _ in values] for name, values in times.items()}
+    cpu = {name: [c for _, c in values] for name, values in times.items()}
+    medians = {name: statistics.median(values) for name, values in wall.items()}
+    cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
+    print(f"{'case':30s} {'wall s':>8s} {'x floor':>8s} {'CPU s':>8s} {'x floor':>8s}  wall, all repeats")
+    for name, value in medians.items():
+        print(
+            f"{name:30s} {value:8.2f} {value / medians['floor']:8.3f} {cpu_medians[name]:8.2f} "
+            f"{cpu_medians[name] / cpu_medians['floor']:8.3f}  {[round(t, 2) for t in wall[name]]}"
+        )
+    if args.profile:
+        for name, run in cases.items():
+            print(f"\n== {name}\n{profile_case(run, model, batches)}")
+    result = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
+        "model": "tiny-llama" if args.tiny else "SmolLM2-135M-Instruct",
+        "batches": [list(batch["input_ids"].shape) for batch in batches],
+        "tokens": int(sum(int(batch["attention_mask"].sum()) for batch in batches)),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "median_wall_s": medians,
+        "median_cpu_s": cpu_medians,
+        "ratio_to_floor_wall": {name: value / medians["floor"] for name, value in medians.items()},
+        "ratio_to_floor_cpu": {name: value / cpu_medians["floor"] for name, value in cpu_medians.items()},
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

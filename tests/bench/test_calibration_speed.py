@@ -1,0 +1,27 @@
+"""Smoke test of bench/calibration_speed.py: the tiny mode runs floor and calibration (and a baseline copy of the
+package) and writes JSON with medians and ratios (timings are not checked)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def test_calibration_speed_tiny_writes_ratios_for_every_case(tmp_path):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    calibration_speed = importlib.import_module("calibration_speed")
+    import tlora
+
+    output = tmp_path / "calibration_speed.json"
+    result = calibration_speed.main(
+        ["--tiny", "--repeats", "1", "--baseline-src", str(Path(tlora.__file__).parent), "--output", str(output)]
+    )
+    assert output.exists()
+    cases = {"floor", "compute_statistics", "baseline compute_statistics"}
+    assert set(result["median_wall_s"]) == cases and set(result["ratio_to_floor_cpu"]) == cases
+    assert result["ratio_to_floor_wall"]["floor"] == 1.0
+    assert len(result["batches"]) == 2 and all(shape[0] == 4 and shape[1] <= 32 for shape in result["batches"])
