@@ -159,8 +159,10 @@ def evaluation_command(task: str, config: dict, data: dict, model_dir: Path, out
         return [sys.executable, str(REPO_ROOT / "commonsense" / "eval_commonsense.py"), *common,
                 "--data_dir", data["test_dir"], "--tasks", ",".join(COMMONSENSE_TASKS),
                 "--max_new_tokens", str(config["commonsense_max_new_tokens"])]
+    # A held-out split of MATH, read with math-verify (the protocol the results so far were scored with): a subset,
+    # which the result records.
     return [sys.executable, str(REPO_ROOT / "math" / "eval_math.py"), *common, "--data_file", data["test_file"],
-            "--max_new_tokens", str(config["math_max_new_tokens"])]
+            "--max_new_tokens", str(config["math_max_new_tokens"]), "--protocol", "robust", "--allow_subset"]
 
 
 def _run_logged(command: list[str], log_path: Path, timeout_s: float, in_process: bool = False) -> float:
