@@ -56,12 +56,12 @@ def sizes(scale: str) -> dict[str, Any]:
                 "learning_rate": 5e-4, "seeds": 1, "calibration_samples": 8, "calibration_batch_size": 4,
                 "train_per_task": 16, "test_per_task": 5, "math_train": 32, "math_test": 5, "math_max_new_tokens": 32,
                 "commonsense_max_new_tokens": 6, "eva_max_passes": 2}
-    # Sized for the shared 2-core CPU machine (measured there: one optimizer step of batch 4 x 128 tokens took 1-2 min
-    # at load average ~10, so a run is a handful of steps); on a GPU raise them with --real-sizes
-    # (e.g. max_steps=40,batch_size=8,cutoff_len=256,test_per_task=100,calibration_samples=256).
-    return {**common, "r": 32, "lora_alpha": 32, "max_steps": 8, "batch_size": 4, "cutoff_len": 128,
-            "learning_rate": 5e-4, "seeds": 2, "calibration_samples": 16, "calibration_batch_size": 16,
-            "train_per_task": 40, "test_per_task": 10, "math_train": 200, "math_test": 10, "math_max_new_tokens": 32,
+    # Sized for a quiet 2-core CPU machine: a run (training process, then scoring process) takes 2-3 minutes there,
+    # the whole grid of 8 methods x 2 tasks x 2 seeds about 80 minutes. On a GPU raise them with --real-sizes
+    # (e.g. max_steps=200,batch_size=16,cutoff_len=256,train_per_task=400,test_per_task=200,calibration_samples=256).
+    return {**common, "r": 32, "lora_alpha": 32, "max_steps": 24, "batch_size": 8, "cutoff_len": 128,
+            "learning_rate": 5e-4, "seeds": 2, "calibration_samples": 32, "calibration_batch_size": 16,
+            "train_per_task": 40, "test_per_task": 20, "math_train": 200, "math_test": 20, "math_max_new_tokens": 32,
             "commonsense_max_new_tokens": 6, "eva_max_passes": 2}
 
 

@@ -62,6 +62,7 @@ def test_real_perf_part_measures_calibration_decomposition_and_generation(tmp_pa
     assert 0 <= decomposition["fallbacks"] <= decomposition["adapted_modules"] > 0
     assert decomposition["distance_gram_default_max"] < 1e-6
     generation = data["generation"]
+    assert generation["warm_up_s"] > 0 and len(generation["backend_s"]) == len(generation["plain_s"]) == 2
     assert generation["same_completions"] == generation["prompts"]  # same greedy text from the backend and generate
     assert generation["throughput_backend_over_plain"] == pytest.approx(
         generation["plain_median_s"] / generation["backend_median_s"])

@@ -202,3 +202,11 @@ def test_adalora_allocates_its_budget_during_training(run_method):
     config = json.loads((output_dir / "adapter_config.json").read_text())
     kept = [sum(mask) for mask in config["rank_pattern"].values()]
     assert len(kept) == 14 and sum(kept) < RANK * 14  # update_and_allocate pruned singular values
+
+
+def test_adalora_names_the_modules_it_pruned_to_rank_zero():
+    from tlora.training.adalora import pruned_modules
+
+    pattern = {"layers.0.q_proj.lora_E": [False, False], "layers.0.v_proj.lora_E": [True, False]}
+    assert pruned_modules(pattern) == ["layers.0.q_proj.lora_E"]
+    assert pruned_modules(None) == [] and pruned_modules({}) == []

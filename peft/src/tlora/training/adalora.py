@@ -100,6 +100,21 @@ class AdaLoraCallback(TrainerCallback):
         if not self.uses_engine_hook:
             self._tuner(kwargs["model"]).update_and_allocate(state.global_step)
 
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        tuner = self._tuner(kwargs["model"])
+        pruned = pruned_modules(tuner.peft_config[tuner.trainable_adapter_name].rank_pattern)
+        if pruned:
+            # PEFT's save_pretrained then warns that these modules' lora_A / lora_B are zero-sized "because ZeRO-3 /
+            # FSDP shards were not gathered": for AdaLoRA it is its own rank-0 pruning, and the adapter reloads.
+            logger.info("AdaLoRA pruned %d module(s) to rank 0 (%s%s); PEFT's 'invalid shape' warning at save is about "
+                        "them and expected: the adapter reloads in stock PEFT", len(pruned), ", ".join(pruned[:3]),
+                        " ..." if len(pruned) > 3 else "")
+
+
+def pruned_modules(rank_pattern: Optional[Mapping[str, Any]]) -> list[str]:
+    """Modules whose AdaLoRA rank mask keeps no singular value."""
+    return [name for name, keep in (rank_pattern or {}).items() if not any(keep)]
+
 
 def _reapply_adalora_mask(tuner, rank_pattern: Mapping[str, Any]) -> None:
     """Zero the pruned singular values in the parameters and in DeepSpeed's fp32 master copy."""
