@@ -1,6 +1,8 @@
 """Calibration time against its floor on SmolLM2-135M-Instruct: `tlora.compute_statistics` (default
 `TLoRAConfig(r=8)`, all seven projections) versus forward+backward passes with gradients on the 210 target weights
-only, over the same 2 padded batches x 8 samples of <= 192 tokens (labels on the response part).
+only, over the same 2 padded batches x 8 samples of <= 192 tokens (labels on the response part). A third case
+times only the covariance / `W C` products TLoRA adds to the floor's work (same shapes and calls, random rows), which
+says how much of the difference is the method's own arithmetic rather than overhead.
 
 Cases run interleaved in one process (floor, tlora, [baseline], then reversed, ...) and the table shows medians.
 `--baseline-src DIR` also times another copy of the package (e.g. `git archive <commit> peft/src/tlora | tar -x -C
@@ -99,6 +101,39 @@ def calibration_pass(package: ModuleType) -> Callable[[torch.nn.Module, list[dic
     return run
 
 
+def statistics_products() -> Callable[[torch.nn.Module, list[dict]], object]:
+    """Only the products that TLoRA adds to the floor's work: for every batch, each shared covariance (upper blocks)
+    and each `W C` cross product of the layout `compute_statistics` chooses, over random rows as many as the batch's
+    valid tokens (the same shapes and `StatisticSums` calls as during calibration; no forward, no backward)."""
+    from tlora.calibration import probe_layout
+    from tlora.hooks import StatisticSums
+    from tlora.targets import find_target_modules
+
+    prepared: dict = {}
+
+    def run(model: torch.nn.Module, batches: list[dict]) -> object:
+        if not prepared:
+            import tlora
+
+            targets = find_target_modules(model, tlora.TLoRAConfig(r=8, target_modules=TARGETS))
+            layout = probe_layout(model, targets, batches[0])
+            widest = max(max(t.in_features, t.out_features) for t in targets)
+            prepared["work"] = [(kind, key, t.in_features, t.out_features) for t in targets
+                                for kind, key in [layout[t.name]] if kind == "cross" or key == t.name]
+            prepared["rows"] = [torch.randn(int(b["attention_mask"].sum()), widest) for b in batches]
+        sums = StatisticSums(torch.float32, None)
+        for rows in prepared["rows"]:
+            for kind, key, n_in, n_out in prepared["work"]:
+                if kind == "covariance":
+                    sums.add_gram(sums.buffer(sums.covariances, key, (n_in, n_in), rows.device), rows[:, :n_in])
+                else:
+                    buffer = sums.buffer(sums.cross, key, (n_out, n_in), rows.device)
+                    sums.add_product(buffer, rows[:, :n_out], rows[:, :n_in])
+        return sums
+
+    return run
+
+
 def timed(function: Callable[[], object]) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one call."""
     start, cpu = time.perf_counter(), time.process_time()
@@ -146,6 +181,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     cases: dict[str, Callable] = {"floor": floor_pass, "compute_statistics": calibration_pass(tlora)}
     if args.baseline_src:
         cases["baseline compute_statistics"] = calibration_pass(load_package_copy(args.baseline_src.resolve()))
+    cases["covariance products only"] = statistics_products()
     times = measure(cases, model, batches, args.repeats)
     wall = {name: [w for w, _ in values] for name, values in times.items()}
     cpu = {name: [c for _, c in values] for name, values in times.items()}

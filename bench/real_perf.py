@@ -4,9 +4,10 @@ projections, hidden 576, GQA 9/3 heads, vocabulary 49,152), a quick part that ca
 (a) calibration: `tlora.compute_statistics` against its floor, the same forward+backward passes with gradients on the
     210 target weights only, on `num_batches` x `batch_size` MATH training rows (solution + `The answer is: ...`,
     tokenized by the training core, cut at `cutoff_len`); then one profiled run of each (torch.profiler, operator
-    self times) to show where the extra time goes: matrix products (covariances), elementwise work (|W * grad|,
-    centring), the loss split (log-softmax / gathers of the per-sample losses), and Python (hooks, per-sample loops:
-    the wall time the operators do not account for);
+    self times) to show where the extra time goes: TLoRA's running sums (covariance and `W C` products, the only
+    `addmm_` calls), other matrix products (per-sample gradients against the floor's batched ones), elementwise
+    work (|W * grad|, centring), the loss split (log-softmax / gathers of the per-sample losses), and Python
+    (hooks, per-sample loops: the wall time the operators do not account for);
 (b) decomposition: how many modules the `gram` route sends to the exact-SVD fallback on these real spectra (its
     a-priori bound eps * lambda_1 / (lambda_k - lambda_k+1) against the tolerance), the time of `gram` against
     `exact`, and the subspace error of the Gram route with the fallback switched off (so that a looser tolerance can
@@ -179,11 +180,13 @@ def measure_calibration(model: str, work: str, data_dir: str, num_batches: int, 
 
 # Operator name -> what it is doing in the calibration pass (everything else is "other operators").
 OPERATOR_GROUPS = {
+    # TLoRA's running sums (covariances by upper blocks, `W C` cross products) are the only in-place addmm_ calls.
+    "covariance products (addmm_)": ("aten::addmm_",),
     "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm"),
     "loss split": ("aten::log_softmax", "aten::_log_softmax", "aten::nll_loss", "aten::nll_loss_forward",
                    "aten::cross_entropy_loss", "aten::gather", "aten::_log_softmax_backward_data",
                    "aten::nll_loss_backward", "aten::logsumexp"),
-    "elementwise and reductions": ("aten::abs", "aten::mul", "aten::mul_", "aten::sum", "aten::mean", "aten::sub",
+    "elementwise and reductions": ("aten::abs", "aten::abs_", "aten::mul", "aten::mul_", "aten::sum", "aten::mean", "aten::sub",
                                    "aten::sub_", "aten::add_", "aten::add", "aten::div", "aten::div_",
                                    "aten::isfinite", "aten::all", "aten::any"),
     "copies and indexing": ("aten::copy_", "aten::index", "aten::index_select", "aten::to", "aten::_to_copy",

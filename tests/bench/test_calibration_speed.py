@@ -1,5 +1,5 @@
 """Smoke test of bench/calibration_speed.py: the tiny mode runs floor and calibration (and a baseline copy of the
-package) and writes JSON with medians and ratios (timings are not checked)."""
+package, and the covariance products alone) and writes JSON with medians and ratios (timings are not checked)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_calibration_speed_tiny_writes_ratios_for_every_case(tmp_path):
         ["--tiny", "--repeats", "1", "--baseline-src", str(Path(tlora.__file__).parent), "--output", str(output)]
     )
     assert output.exists()
-    cases = {"floor", "compute_statistics", "baseline compute_statistics"}
+    cases = {"floor", "compute_statistics", "baseline compute_statistics", "covariance products only"}
     assert set(result["median_wall_s"]) == cases and set(result["ratio_to_floor_cpu"]) == cases
     assert result["ratio_to_floor_wall"]["floor"] == 1.0
     assert len(result["batches"]) == 2 and all(shape[0] == 4 and shape[1] <= 32 for shape in result["batches"])
