@@ -5,7 +5,7 @@
     python bench/run.py --quality            # part 4 as well (quality on all-MiniLM-L6-v2; longer)
     python bench/run.py --parts quality      # part 4 only
     python bench/run.py --quick              # small sizes: a smoke run of every selected part in a few minutes
-    python bench/run.py --parts real         # SmolLM2-135M-Instruct trained by the task scripts (~70 min on 2 cores)
+    python bench/run.py --parts real         # SmolLM2-135M-Instruct trained by the task scripts (~85 min on 2 quiet cores)
     python bench/run.py --parts real_perf    # calibration, decomposition and generation cost on SmolLM2 (~3 min)
 
 Timings are only comparable within one run: every part measures its baselines in the same run, interleaves the
