@@ -189,7 +189,7 @@ def check_4bit(device: str, workdir: Path) -> CheckResult:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
-    trained = max(float(p.abs().max()) for n, p in model.named_parameters() if "lora_B" in n)
+    trained = max(float(p.detach().abs().max()) for n, p in model.named_parameters() if "lora_B" in n)
     ok = errors["finite"] and errors["max_matrix_error"] <= 1e-4 and trained > 0 and all(map(torch.isfinite, torch.tensor(losses)))
     return CheckResult(name, "PASS" if ok else "FAIL", details={**errors, "losses": losses, "max_abs_B": trained})
 
