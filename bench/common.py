@@ -77,6 +77,18 @@ class Settings:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def comma_selection(value: Optional[str], choices: Sequence[str], what: str) -> list[str]:
+    """The names of a comma-separated option (all `choices` when empty); an unknown name ends the run with the
+    choices."""
+    if not value:
+        return list(choices)
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in choices]
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; choose from {', '.join(choices)}")
+    return names
+
+
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo (or platform.processor())."""
     try:

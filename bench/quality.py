@@ -49,6 +49,7 @@ from common import (
     REPO_ROOT,
     Case,
     Settings,
+    comma_selection,
     case_progress,
     current_rss_mib,
     fmt,
@@ -469,10 +470,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
         sweep_task = tasks[0]
     results: dict[str, dict] = {}
     per_method: dict[str, dict] = {}
-    methods = [m.strip() for m in (settings.extra.get("methods") or ",".join(METHODS)).split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown quality methods {unknown}; choose from {list(METHODS)}")
+    methods = comma_selection(settings.extra.get("methods"), list(METHODS), "quality methods")
     for method in methods:
         case = Case(f"quality/{method}", PART, "run_method",
                     {"method": method, "tasks": tasks, "sweep_task": sweep_task, "config": config,

@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common import REPO_ROOT, Settings, fmt, machine_info, markdown_table, part_header, target_check, write_json
+from common import (REPO_ROOT, Settings, comma_selection, fmt, machine_info, markdown_table, part_header, target_check,
+                    write_json)
 from quality import LABELS, METHODS, _mean, _std, shared_data_dir
 
 PART = "real"
@@ -262,16 +263,6 @@ def parse_overrides(text: Optional[str], config: dict) -> dict:
     return overrides
 
 
-def _selection(value: Optional[str], choices, what: str) -> list[str]:
-    if not value:
-        return list(choices)
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    unknown = [name for name in names if name not in choices]
-    if unknown:
-        raise SystemExit(f"unknown {what} {unknown}; choose from {', '.join(choices)}")
-    return names
-
-
 def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     """Train and score every (task, method, seed), one process at a time; write bench/results/real.json."""
     started = time.time()
@@ -279,8 +270,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     if settings.extra.get("seeds"):
         config["seeds"] = int(settings.extra["seeds"])
     config.update(parse_overrides(settings.extra.get("real_sizes"), config))
-    methods = _selection(settings.extra.get("methods"), METHODS, "methods")
-    tasks = _selection(settings.extra.get("real_tasks"), TASKS, "tasks")
+    methods = comma_selection(settings.extra.get("methods"), list(METHODS), "methods")
+    tasks = comma_selection(settings.extra.get("real_tasks"), TASKS, "tasks")
     data_dir = shared_data_dir(settings.extra.get("data_dir"))
     machine = machine_info(settings.device)
     path = settings.results_dir / f"{PART}.json"
