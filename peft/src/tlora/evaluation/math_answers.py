@@ -76,15 +76,8 @@ def last_boxed_content(text: str) -> Optional[str]:
     if text[position] != "{":  # `\boxed 5`: the argument runs to the next space or `$`
         match = re.match(r"[^\s$]+", text[position:])
         return match.group(0) if match else None
-    depth = 0
-    for index in range(position, len(text)):
-        if text[index] == "{":
-            depth += 1
-        elif text[index] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[position + 1 : index]
-    return None
+    closing = math_paper.closing_brace(text, position)
+    return None if closing is None else text[position + 1 : closing]
 
 
 def gold_answer(solution: str, where: str = "") -> str:

@@ -16,6 +16,19 @@ from typing import Optional
 PAPER_MARKER = "The answer is: "
 
 
+def closing_brace(text: str, opening: int) -> Optional[int]:
+    """The index of the `}` that balances the `{` at `text[opening]`, or None when it is never closed."""
+    depth = 0
+    for index in range(opening, len(text)):
+        if text[index] == "{":
+            depth += 1
+        elif text[index] == "}":
+            depth -= 1
+            if depth == 0:
+                return index
+    return None
+
+
 def last_boxed_group(text: str) -> Optional[str]:
     """The last `\\boxed...{...}` (else `\\fbox...{...}`) of `text` up to its balancing brace, or None."""
     start = text.rfind("\\boxed")
@@ -23,15 +36,9 @@ def last_boxed_group(text: str) -> Optional[str]:
         start = text.rfind("\\fbox")
         if start < 0:
             return None
-    depth = 0
-    for position in range(start, len(text)):
-        if text[position] == "{":
-            depth += 1
-        elif text[position] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start : position + 1]
-    return None
+    opening = text.find("{", start)
+    closing = None if opening < 0 else closing_brace(text, opening)
+    return None if closing is None else text[start : closing + 1]
 
 
 def unbox(group: Optional[str]) -> Optional[str]:
