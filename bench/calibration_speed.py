@@ -105,6 +105,7 @@ def statistics_products() -> Callable[[torch.nn.Module, list[dict]], object]:
     """Only the products that TLoRA adds to the floor's work: for every batch, each shared covariance (upper blocks)
     and each `W C` cross product of the layout `compute_statistics` chooses, over random rows as many as the batch's
     valid tokens (the same shapes and `StatisticSums` calls as during calibration; no forward, no backward)."""
+    from tlora import TLoRAConfig
     from tlora.calibration import probe_layout
     from tlora.hooks import StatisticSums
     from tlora.targets import find_target_modules
@@ -113,13 +114,14 @@ def statistics_products() -> Callable[[torch.nn.Module, list[dict]], object]:
 
     def run(model: torch.nn.Module, batches: list[dict]) -> object:
         if not prepared:
-            import tlora
-
-            targets = find_target_modules(model, tlora.TLoRAConfig(r=8, target_modules=TARGETS))
+            targets = find_target_modules(model, TLoRAConfig(r=8, target_modules=TARGETS))
             layout = probe_layout(model, targets, batches[0])
             widest = max(max(t.in_features, t.out_features) for t in targets)
-            prepared["work"] = [(kind, key, t.in_features, t.out_features) for t in targets
-                                for kind, key in [layout[t.name]] if kind == "cross" or key == t.name]
+            prepared["work"] = []
+            for target in targets:
+                kind, key = layout[target.name]
+                if kind == "cross" or key == target.name:  # a shared covariance is formed by its first reader only
+                    prepared["work"].append((kind, key, target.in_features, target.out_features))
             prepared["rows"] = [torch.randn(int(b["attention_mask"].sum()), widest) for b in batches]
         sums = StatisticSums(torch.float32, None)
         for rows in prepared["rows"]:
