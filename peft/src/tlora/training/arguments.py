@@ -95,7 +95,8 @@ class DataArguments:
     cutoff_len: int = field(default=512, metadata={"help": "Truncate every tokenized example to this many tokens."})
     eval_split: Optional[str] = field(
         default=None,
-        metadata={"help": "Split (hub) or file (local) to evaluate on at the end; nlu_train.py reports accuracy."},
+        metadata={"help": "Split (hub) or file (local) to evaluate on at the end; nlu_train.py reports accuracy. "
+                  "Several as NAME=SPLIT,NAME=SPLIT: metrics eval_NAME_loss, ... in the run record."},
     )
 
 

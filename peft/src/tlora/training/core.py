@@ -270,7 +270,7 @@ class TaskData:
     source: RowSource
     build: Callable[..., ExampleDataset]
     train: ExampleDataset
-    evaluation: Optional[ExampleDataset]
+    evaluation: Optional[ExampleDataset | dict[str, ExampleDataset]]
     labels: Optional[list[Any]]
     origin: str
 
@@ -283,6 +283,24 @@ def _load_split(data_args: DataArguments, split_or_file: str, max_samples: Optio
     return load_rows(data_args.data_path, hub_config=data_args.dataset_config, hub_split=split_or_file, max_samples=max_samples)
 
 
+def evaluation_splits(value: Optional[str]) -> dict[str, str]:
+    """--eval_split as {name: split or file}: one unnamed split (name ""), or `name=split,name=split` (metrics
+    `eval_<name>_loss`, ...)."""
+    if not value:
+        return {}
+    if "=" not in value:
+        return {"": value}
+    splits = {}
+    for item in value.split(","):
+        name, _, split = item.partition("=")
+        name, split = name.strip(), split.strip()
+        if not name.isidentifier() or not split or name in splits:
+            raise ValueError(f"--eval_split {value!r}: {item!r} is not NAME=SPLIT_OR_FILE with a new NAME made of "
+                             "letters, digits and underscores (or give one split without a name)")
+        splits[name] = split
+    return splits
+
+
 def build_task_data(
     task: TaskDefaults, data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, show_progress: bool
 ) -> TaskData:
@@ -293,7 +311,7 @@ def build_task_data(
         hub_split=data_args.dataset_split,
         max_samples=data_args.max_samples,
     )
-    evaluation_source = _load_split(data_args, data_args.eval_split, None) if data_args.eval_split else None
+    evaluation_sources = {name: _load_split(data_args, split, None) for name, split in evaluation_splits(data_args.eval_split).items()}
     if task.kind == SEQUENCE_CLASSIFICATION:
         fields = ClassificationFields.from_arguments(data_args.dataset_field)
         labels = label_names(source, fields.label)
@@ -307,7 +325,9 @@ def build_task_data(
             build_instruction_dataset, fields=instruction_fields, tokenizer=tokenizer, cutoff_len=data_args.cutoff_len
         )
     train = build(source, show_progress=show_progress)
-    evaluation = build(evaluation_source, show_progress=show_progress) if evaluation_source is not None else None
+    evaluation = {name: build(rows, show_progress=show_progress) for name, rows in evaluation_sources.items()} or None
+    if evaluation is not None and list(evaluation) == [""]:
+        evaluation = evaluation[""]  # one unnamed split: the Trainer's plain `eval_*` metrics
     logger.info("Training on %d examples from %s.", len(train), source.origin)
     return TaskData(source, build, train, evaluation, labels, source.origin)
 
