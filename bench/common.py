@@ -724,3 +724,14 @@ def targets_markdown(checks: list[dict]) -> list[str]:
     rows = [[c["target"], fmt(c["value"], 3), c["bound"], {True: "met", False: "**missed**", None: "—"}[c["met"]]]
             for c in checks]
     return ["Targets:", "", markdown_table(["target", "measured", "bound", ""], rows), ""]
+
+
+def parse_overrides(text: Optional[str], config: dict) -> dict:
+    """`max_steps=40,batch_size=8` as {"max_steps": 40, "batch_size": 8} (values take the type of the default)."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, _, value = item.partition("=")
+        if key not in config or not value:
+            raise SystemExit(f"--real-sizes: {item!r} is not KEY=VALUE with KEY one of {', '.join(sorted(config))}")
+        overrides[key] = type(config[key])(value)
+    return overrides

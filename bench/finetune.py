@@ -26,13 +26,15 @@ COMMONSENSE_TASKS = ("boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _shuffled(rows: list, seed: int) -> list:
+def shuffled_rows(rows: list, seed: int) -> list:
+    """A copy of `rows` shuffled with `seed`."""
     rows = list(rows)
     random.Random(seed).shuffle(rows)
     return rows
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """`rows` as a JSON-lines file (its folder created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
@@ -41,15 +43,15 @@ def prepare_commonsense(data_dir: Path, work: Path, config: dict) -> dict[str, A
     """Held-out `<work>/commonsense_test/<task>/test.json` per task and one mixed training file."""
     train, held_out = [], {}
     for task in COMMONSENSE_TASKS:
-        rows = _shuffled(json.loads((data_dir / "commonsense" / task / "test.json").read_text()), config["data_seed"])
+        rows = shuffled_rows(json.loads((data_dir / "commonsense" / task / "test.json").read_text()), config["data_seed"])
         test = rows[: config["test_per_task"]]
         task_dir = work / "commonsense_test" / task
         task_dir.mkdir(parents=True, exist_ok=True)
         (task_dir / "test.json").write_text(json.dumps(test))
         held_out[task] = len(test)
         train += rows[config["test_per_task"] : config["test_per_task"] + config["train_per_task"]]
-    train = _shuffled(train, config["data_seed"])
-    _write_jsonl(work / "commonsense_train.jsonl", train)
+    train = shuffled_rows(train, config["data_seed"])
+    write_jsonl(work / "commonsense_train.jsonl", train)
     return {"train_file": str(work / "commonsense_train.jsonl"), "test_dir": str(work / "commonsense_test"),
             "num_train": len(train), "num_test": held_out}
 
@@ -64,12 +66,12 @@ def math_training_row(row: dict) -> dict:
 def prepare_math(data_dir: Path, work: Path, config: dict) -> dict[str, Any]:
     """Held-out MATH rows (for the scorer, and as query/response rows for the held-out loss) and training rows."""
     rows = [json.loads(line) for line in (data_dir / "math" / "test.jsonl").read_text().splitlines() if line.strip()]
-    rows = _shuffled(rows, config["data_seed"])
+    rows = shuffled_rows(rows, config["data_seed"])
     test = rows[: config["math_test"]]
     train = rows[config["math_test"] : config["math_test"] + config["math_train"]]
-    _write_jsonl(work / "math_test.jsonl", test)
-    _write_jsonl(work / "math_heldout_loss.jsonl", [math_training_row(row) for row in test])
-    _write_jsonl(work / "math_train.jsonl", [math_training_row(row) for row in train])
+    write_jsonl(work / "math_test.jsonl", test)
+    write_jsonl(work / "math_heldout_loss.jsonl", [math_training_row(row) for row in test])
+    write_jsonl(work / "math_train.jsonl", [math_training_row(row) for row in train])
     return {"train_file": str(work / "math_train.jsonl"), "test_file": str(work / "math_test.jsonl"),
             "loss_file": str(work / "math_heldout_loss.jsonl"), "num_train": len(train), "num_test": len(test)}
 
@@ -102,9 +104,18 @@ def training_command(task: str, method: str, seed: int, config: dict, data: dict
     ]
     if device == "cpu":
         command += ["--use_cpu", "True"]
-    if task == "math":
-        command += ["--eval_split", data["loss_file"]]
+    splits = evaluation_files(task, data)
+    if splits:
+        command += ["--eval_split", ",".join(f"{name}={path}" if name else path for name, path in splits.items())]
     return command
+
+
+def evaluation_files(task: str, data: dict) -> dict[str, str]:
+    """The files the training process computes a held-out loss on: `data["loss_files"]` ({name: file}) when the part
+    gives several, else the MATH held-out solutions (unnamed: the Trainer's plain `eval_loss`)."""
+    if "loss_files" in data:
+        return dict(data["loss_files"])
+    return {"": data["loss_file"]} if task == "math" else {}
 
 
 def evaluation_command(task: str, config: dict, data: dict, model_dir: Path, output: Path, device: str) -> list[str]:
@@ -145,18 +156,17 @@ def _run_logged(command: list[str], log_path: Path, timeout_s: float, in_process
 
 
 def run_one(task: str, method: str, seed: int, config: dict, data: dict, base_model: str, work: Path,
-            device: str, timeout_s: float, in_process: bool = False) -> dict:
-    """Train and score one (task, method, seed); the numbers from the run record and the scorer's result."""
-    run_dir = work / "runs" / f"{task}-{method}-{seed}"
+            device: str, timeout_s: float, in_process: bool = False, score: bool = True,
+            name: str | None = None) -> dict:
+    """Train one (task, method, seed) with `config`'s sizes and learning rate, then (with `score`) score it; the
+    numbers from the run record (held-out losses included) and the scorer's result. `name` labels its logs."""
+    name = name or f"{task}-{method}-{seed}"
+    run_dir = work / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     train_s = _run_logged(training_command(task, method, seed, config, data, base_model, run_dir, device),
-                          work / f"{task}-{method}-{seed}.train.log", timeout_s, in_process)
+                          work / f"{name}.train.log", timeout_s, in_process)
     record = json.loads((run_dir / "run_record.json").read_text())
-    result_path = work / f"{task}-{method}-{seed}.eval.json"
-    eval_s = _run_logged(evaluation_command(task, config, data, run_dir, result_path, device),
-                         work / f"{task}-{method}-{seed}.eval.log", timeout_s, in_process)
-    scored = json.loads(result_path.read_text())
     out = {
         "task": task, "method": method, "seed": seed,
         "trainable_parameters": record["trainable_parameters"],
@@ -166,14 +176,18 @@ def run_one(task: str, method: str, seed: int, config: dict, data: dict, base_mo
         "train_loss": record["train_loss"],
         "global_step": record["global_step"],
         "training_process_s": round(train_s, 2),
-        "evaluation_process_s": round(eval_s, 2),
-        "accuracy": scored["accuracy"],
-        "num_items": scored["num_items"],
     }
-    if task == "commonsense":
-        out["per_task"] = {name: entry["accuracy"] for name, entry in scored["tasks"].items()}
-    else:
-        out["heldout_loss"] = record["eval_metrics"]["eval_loss"]
+    metrics = record.get("eval_metrics") or {}
+    for split in evaluation_files(task, data):
+        out[f"{split}_loss" if split else "heldout_loss"] = metrics[f"eval_{split}_loss" if split else "eval_loss"]
+    if score:
+        result_path = work / f"{name}.eval.json"
+        eval_s = _run_logged(evaluation_command(task, config, data, run_dir, result_path, device),
+                             work / f"{name}.eval.log", timeout_s, in_process)
+        scored = json.loads(result_path.read_text())
+        out.update(evaluation_process_s=round(eval_s, 2), accuracy=scored["accuracy"], num_items=scored["num_items"])
+        if task == "commonsense":
+            out["per_task"] = {task_name: entry["accuracy"] for task_name, entry in scored["tasks"].items()}
     shutil.rmtree(run_dir, ignore_errors=True)  # the adapter is not kept: only the numbers matter here
     return out
 

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common import (LABELS, METHODS, Settings, comma_selection, fmt, machine_info, markdown_table, mean, part_header,
+from common import (LABELS, METHODS, Settings, comma_selection, fmt, machine_info, markdown_table, mean,
+                    parse_overrides, part_header,
                     shared_data_dir, std, target_check, targets_markdown, write_json)
 from finetune import COMMONSENSE_TASKS, base_model_path, prepare_commonsense, prepare_math, run_one
 
@@ -72,17 +73,6 @@ def reusable(run: dict, old_config: Optional[dict], config: dict) -> bool:
         return old_config == config
     ignore = set(CALIBRATION_KEYS)
     return {k: v for k, v in old_config.items() if k not in ignore} == {k: v for k, v in config.items() if k not in ignore}
-
-
-def parse_overrides(text: Optional[str], config: dict) -> dict:
-    """`max_steps=40,batch_size=8` as {"max_steps": 40, "batch_size": 8} (values take the type of the default)."""
-    overrides = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        key, _, value = item.partition("=")
-        if key not in config or not value:
-            raise SystemExit(f"--real-sizes: {item!r} is not KEY=VALUE with KEY one of {', '.join(sorted(config))}")
-        overrides[key] = type(config[key])(value)
-    return overrides
 
 
 def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
