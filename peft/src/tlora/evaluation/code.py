@@ -48,12 +48,12 @@ import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..prompts import format_prompt
-from .common import DataFormatError, load_rows, read_jsonl, require_fields
+from .common import DataFormatError, check_prediction_ids, load_rows, read_jsonl, require_fields
 from .protocols import PAPER, ROBUST, ROBUST_STOP_STRINGS, check_protocol, data_record
 from .sandbox import HelperPool, ProgramJob, SandboxLimits, default_workers, run_programs
 
@@ -323,8 +323,11 @@ def reference_predictions(dataset: str, tasks: Sequence[CodeTask]) -> list[dict]
     return rows
 
 
-def read_code_predictions(path: str, dataset: str) -> list[dict]:
-    """The rows of a code predictions file (`{"task_id", "completion"}` and optionally `raw_completion`, `prompt`)."""
+def read_code_predictions(
+    path: str, dataset: str, task_ids: Optional[Collection[str]] = None, *, data: str = "the test data"
+) -> list[dict]:
+    """The rows of a code predictions file (`{"task_id", "completion"}` and optionally `raw_completion`, `prompt`),
+    one per task, every task among `task_ids` (the tasks of `data`) when given."""
     rows = read_jsonl(path)
     for line_number, row in enumerate(rows, start=1):
         where = f"{path}, line {line_number}"
@@ -339,6 +342,14 @@ def read_code_predictions(path: str, dataset: str) -> list[dict]:
                     "whole program)."
                 )
         row["task_id"] = normalise_task_id(dataset, row["task_id"])
+    known_ids = None if task_ids is None else set(task_ids)
+    check_prediction_ids(
+        rows,
+        [row["task_id"] for row in rows],
+        None if known_ids is None else known_ids.__contains__,
+        data=data,
+        describe=lambda task_id: f"task {task_id}",
+    )
     return rows
 
 
@@ -763,7 +774,9 @@ def evaluate_code(
         predictions, postprocess = reference_predictions(dataset, tasks), False
         info["predictions"] = "reference solutions"
     elif predictions_file is not None:
-        predictions = read_code_predictions(predictions_file, dataset)
+        known = [task.task_id for task in tasks]
+        described = source if limit is None else f"the first {limit} tasks of {source} (--limit)"
+        predictions = read_code_predictions(predictions_file, dataset, known, data=described)
         info["predictions_file"] = predictions_file
     elif backend is not None:
         settings = settings or generation_settings(protocol=protocol)

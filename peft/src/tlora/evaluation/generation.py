@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import load_model_and_tokenizer, merged_model_dir
-from .protocols import ROBUST_STOP_STRINGS
+from .protocols import ROBUST_STOP_STRINGS, truncate_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +52,6 @@ class GenerationBackend(Protocol):
     def generate(self, prompts: list[str], settings: GenerationSettings) -> list[str]:
         """One completion per prompt, in the order of `prompts`."""
         ...
-
-
-def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
-    """`text` cut just before the earliest occurrence of any stop string."""
-    end = len(text)
-    for stop_string in stop:
-        if stop_string:
-            position = text.find(stop_string)
-            if position != -1:
-                end = min(end, position)
-    return text[:end]
 
 
 def backend_name(backend: object) -> str:
