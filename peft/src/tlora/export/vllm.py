@@ -28,7 +28,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .constants import VLLM_EXPORT_FILE
+from ..constants import VLLM_EXPORT_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +309,3 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.exit(2, f"error: {error}\n")
     rank = json.loads((out / CONFIG_NAME).read_text())["r"]
     logger.info("Serve it with vLLM: enable_lora=True, max_lora_rank=%d, LoRARequest(..., lora_path=%r)", rank, str(out))
-
-
-if __name__ == "__main__":
-    main()
