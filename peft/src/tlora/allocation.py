@@ -1,7 +1,8 @@
 """Step 2 of TLoRA: ranks and scales of all target modules under a fixed budget (pure functions on numbers).
 
 Ranks are proportional to sensitivity, `rho_l = R * S_l / sum_k S_k`, bounded by `min_rank <= r_l <= min(m_l, n_l)`
-(a capped module's excess goes to the others in proportion to S), and made integral by the largest-remainder
+and by an optional `max_rank` (e.g. vLLM's `max_lora_rank`; a capped module's excess goes to the others in
+proportion to S), and made integral by the largest-remainder
 method so that `sum_l r_l = R` exactly. Scales are `alpha_l = max(alpha, round(alpha * L * S_l / sum_k S_k))`, and a
 module's effective scaling is `alpha_l / r` with the nominal `r` (PEFT needs `alpha_pattern[l] = alpha_l * r_l / r`).
 """
@@ -57,6 +58,7 @@ class TLoRAPlan:
     modules: list[ModulePlan]
     sensitivity_mode: str = "per_sample"
     num_samples: int = 0
+    max_rank: Optional[int] = None
     format_version: int = PLAN_FORMAT_VERSION
     extra: dict = field(default_factory=dict)
 
@@ -268,6 +270,16 @@ def allocate_scales(sensitivities: Sequence[float], lora_alpha: float) -> list[f
     return [max(lora_alpha, _round_half_up(lora_alpha * count * s / total)) for s in sensitivities]
 
 
+def check_max_rank(max_rank: Optional[int], min_rank: int = 0) -> None:
+    """Refuse a `max_rank` that is not a positive integer or lies below `min_rank`."""
+    if max_rank is None:
+        return
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0:
+        raise ValueError(f"max_rank must be a positive integer (or None for no cap), got {max_rank!r}")
+    if max_rank < min_rank:
+        raise ValueError(f"max_rank={max_rank} is below min_rank={min_rank}; no rank can satisfy both")
+
+
 @dataclass
 class ModuleInfo:
     """What allocation needs to know of one target module."""
@@ -291,6 +303,7 @@ def derive_plan(
     freeze_lora_A: bool = True,
     sensitivity_mode: str = "per_sample",
     num_samples: int = 0,
+    max_rank: Optional[int] = None,
 ) -> TLoRAPlan:
     """Allocate ranks and scales to `modules` (in a fixed order) and return the plan."""
     modules = list(modules)
@@ -298,11 +311,12 @@ def derive_plan(
         raise BudgetError("there are no target modules to allocate a budget to")
     if rank_budget is not None and parameter_budget is not None:
         raise ValueError("give either rank_budget or parameter_budget, not both")
+    check_max_rank(max_rank, min_rank)
     sensitivities = [float(m.sensitivity) for m in modules]
     for module, value in zip(modules, sensitivities):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"sensitivity of {module.name} is {value}; it must be finite and >= 0")
-    capacities = [min(m.out_features, m.in_features) for m in modules]
+    capacities = [min(m.out_features, m.in_features, max_rank or m.out_features) for m in modules]
     per_rank_cost = [m.out_features + (0 if freeze_lora_A else m.in_features) for m in modules]
     if parameter_budget is not None:
         budget_type, budget = "parameters", int(parameter_budget)
@@ -311,6 +325,12 @@ def derive_plan(
             raise BudgetError(
                 f"parameter budget {budget} is smaller than the {needed} parameters that min_rank={min_rank} needs "
                 f"on {len(modules)} target modules"
+            )
+        most = sum(cap * cost for cap, cost in zip(capacities, per_rank_cost))
+        if max_rank is not None and budget > most:
+            raise BudgetError(
+                f"parameter budget {budget} exceeds the {most} parameters that ranks capped at max_rank={max_rank} "
+                f"hold on {len(modules)} target modules; lower the budget or raise max_rank"
             )
         ranks = allocate_ranks(sensitivities, capacities, budget, min_rank, costs=per_rank_cost)
     else:
@@ -321,9 +341,15 @@ def derive_plan(
                 f"rank budget {budget} is smaller than min_rank={min_rank} x {len(modules)} target modules "
                 f"= {min_rank * len(modules)}; lower min_rank or raise the budget"
             )
+        if max_rank is not None and budget > max_rank * len(modules):
+            raise BudgetError(
+                f"rank budget {budget} exceeds max_rank={max_rank} x {len(modules)} target modules = "
+                f"{max_rank * len(modules)}; lower r or rank_budget, or raise max_rank"
+            )
         if budget > sum(capacities):
             raise BudgetError(
-                f"rank budget {budget} exceeds the total capacity {sum(capacities)} (sum of min(out, in) over the "
+                f"rank budget {budget} exceeds the total capacity {sum(capacities)} (sum of min(out, in"
+                f"{', max_rank' if max_rank else ''}) over the "
                 f"{len(modules)} target modules); lower r or pass rank_budget"
             )
         ranks = allocate_ranks(sensitivities, capacities, budget, min_rank)
@@ -365,4 +391,5 @@ def derive_plan(
         modules=entries,
         sensitivity_mode=sensitivity_mode,
         num_samples=num_samples,
+        max_rank=max_rank,
     )

@@ -48,6 +48,7 @@ def plan_from_statistics(statistics: TLoRAStatistics, config: TLoRAConfig) -> TL
         rank_budget=config.rank_budget,
         parameter_budget=config.parameter_budget,
         min_rank=config.min_rank,
+        max_rank=config.max_rank,
         allocate_scales_=config.allocate_scales,
         use_rslora=config.use_rslora,
         freeze_lora_A=config.freeze_lora_A,

@@ -181,8 +181,22 @@ class ModelArguments:
     merged_dir: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Where vLLM's merged copy of an adapter is written and reused "
-            "(default: <adapter dir>/merged_for_vllm)."
+            "help": "Where vLLM's merged copy of an adapter (or with --serve_adapter its export for vLLM) is written "
+            "and reused (default: <adapter dir>/merged_for_vllm)."
+        },
+    )
+    serve_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "vLLM: serve the adapter unmerged (enable_lora, a LoRARequest) instead of merging it; an adapter "
+            "with per-module ranks or alphas (TLoRA) is first exported as a plain LoRA (python -m tlora.export)."
+        },
+    )
+    max_lora_rank: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "vLLM max_lora_rank with --serve_adapter (1, 8, 16, 32, 64, 128, 256, 320 or 512; default: the "
+            "smallest that holds the adapter's largest rank)."
         },
     )
 
@@ -196,6 +210,10 @@ class ModelArguments:
         options["gpu_memory_utilization"] = self.gpu_memory_utilization
         if self.merged_dir is not None:
             options["work_dir"] = self.merged_dir
+        if self.serve_adapter:
+            options["serve_adapter"] = True
+        if self.max_lora_rank is not None:
+            options["max_lora_rank"] = self.max_lora_rank
         return options
 
 

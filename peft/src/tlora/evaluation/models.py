@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..constants import MERGED_DIR
+from ..constants import MERGED_DIR, VLLM_EXPORT_FILE
+from ..export import check_plain_lora, check_vllm_compatible, export_for_vllm, vllm_max_lora_rank
 
 logger = logging.getLogger(__name__)
 
@@ -252,13 +253,64 @@ def merged_model_dir(
     return target
 
 
+@dataclass
+class ServedAdapter:
+    """What vLLM loads to serve an adapter unmerged: base model, tokenizer, LoRA folder and `max_lora_rank`."""
+
+    base_model: str
+    tokenizer: str
+    lora_path: str
+    max_lora_rank: int
+
+
+def _has_patterns(adapter_config: dict) -> bool:
+    """Whether an adapter sets per-module ranks or alphas, which vLLM ignores."""
+    return bool(adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"))
+
+
+def exported_adapter_dir(adapter_dir: str, work_dir: str, max_lora_rank: Optional[int] = None) -> str:
+    """A plain LoRA copy of `adapter_dir` for vLLM (`tlora.export`), written once into `work_dir` and reused."""
+    suffix = f"r{max_lora_rank}" if max_lora_rank is not None else "rauto"
+    target = os.path.join(work_dir, f"lora-{_adapter_fingerprint(adapter_dir)}-{suffix}")
+    if os.path.isfile(os.path.join(target, VLLM_EXPORT_FILE)):
+        logger.info("Reusing the adapter exported for vLLM in %s", target)
+        return target
+    logger.info("Exporting %s for vLLM (per-module scales folded into B, ranks padded) to %s", adapter_dir, target)
+    return str(export_for_vllm(adapter_dir, target, max_lora_rank))
+
+
+def served_adapter(
+    path: str, work_dir: str, *, base_model: Optional[str] = None, max_lora_rank: Optional[int] = None
+) -> ServedAdapter:
+    """How vLLM serves the adapter at `path` without merging: exported first when it has rank or alpha patterns."""
+    resolved = resolve_model(path, base_model=base_model)
+    if resolved.kind != "adapter":
+        raise ModelResolutionError(
+            f"--serve_adapter serves a LoRA adapter unmerged, but {path} is a {resolved.kind} model; point --model at "
+            "the adapter folder or drop --serve_adapter."
+        )
+    if not os.path.isdir(resolved.path):
+        raise ModelResolutionError("Serving a hub adapter with --serve_adapter is not supported; download it first.")
+    config = _read_adapter_config(resolved.path)
+    check_plain_lora(config, resolved.path)  # DoRA, base-modifying inits, ...: vLLM would serve something else
+    lora_path = resolved.path
+    if _has_patterns(config):
+        lora_path = exported_adapter_dir(resolved.path, work_dir, max_lora_rank)
+    rank = vllm_max_lora_rank(_read_adapter_config(lora_path)["r"], max_lora_rank)
+    check_vllm_compatible(lora_path, rank)
+    tokenizer = resolved.path if _has_tokenizer(resolved.path) else resolved.base_model
+    return ServedAdapter(base_model=resolved.base_model, tokenizer=tokenizer, lora_path=lora_path, max_lora_rank=rank)
+
+
 __all__ = [
     "ModelResolutionError",
     "ResolvedModel",
+    "ServedAdapter",
     "default_device",
     "load_model_and_tokenizer",
     "load_tokenizer",
     "merged_model_dir",
     "resolve_model",
+    "served_adapter",
     "torch_dtype",
 ]

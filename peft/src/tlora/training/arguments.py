@@ -157,6 +157,13 @@ class MethodArguments:
         default=None, metadata={"help": "TLoRA: trainable-parameter budget instead of a rank budget."}
     )
     min_rank: int = field(default=0, metadata={"help": "TLoRA: smallest rank a module may receive (0: may be dropped)."})
+    max_rank: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "TLoRA: largest rank a module may receive, the excess going to the others (e.g. 128 to serve the "
+            "adapter unmerged with vLLM --max-lora-rank 128). Default: no cap but min(out, in)."
+        },
+    )
     allocate_scales: bool = field(default=True, metadata={"help": "TLoRA: allocate per-module scales alpha_l."})
     sensitivity: str = field(
         default="per_sample",

@@ -458,6 +458,7 @@ def tlora_config(context: MethodContext):
         rank_budget=arguments.rank_budget,
         parameter_budget=arguments.parameter_budget,
         min_rank=arguments.min_rank,
+        max_rank=arguments.max_rank,
         allocate_scales=arguments.allocate_scales,
         sensitivity=arguments.sensitivity,
         svd_method=arguments.svd_method,
