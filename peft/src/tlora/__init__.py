@@ -11,7 +11,7 @@ from .allocation import BudgetError, ModulePlan, TLoRAPlan, allocate_ranks, allo
 from .calibration import compute_statistics
 from .calibration_statistics import TLoRAStatistics
 from .config import TLoRAConfig
-from .errors import CalibrationError, NonFiniteCalibrationError, StatisticsMismatchError
+from .errors import CalibrationError, DecompositionError, NonFiniteCalibrationError, StatisticsMismatchError
 from .initialization import compute_lora_A, projector_distance, top_right_singular_vectors
 from .model import (
     PLAN_FILE_NAME,
@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetError",
     "CalibrationError",
+    "DecompositionError",
     "ModulePlan",
     "NonFiniteCalibrationError",
     "PLAN_FILE_NAME",
