@@ -11,7 +11,7 @@ from .allocation import BudgetError, ModulePlan, TLoRAPlan, allocate_ranks, allo
 from .calibration import compute_statistics
 from .calibration_statistics import TLoRAStatistics
 from .config import TLoRAConfig
-from .errors import CalibrationError, NonFiniteCalibrationError, StatisticsMismatchError
+from .errors import CalibrationError, DecompositionError, NonFiniteCalibrationError, StatisticsMismatchError
 from .export import AdapterExportError, VLLMCompatibilityError, check_vllm_compatible, export_for_vllm
 from .initialization import compute_lora_A, projector_distance, top_right_singular_vectors
 from .model import (
@@ -31,6 +31,7 @@ __all__ = [
     "AdapterExportError",
     "BudgetError",
     "CalibrationError",
+    "DecompositionError",
     "ModulePlan",
     "NonFiniteCalibrationError",
     "PLAN_FILE_NAME",

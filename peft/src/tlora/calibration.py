@@ -57,6 +57,7 @@ def compute_statistics(
     config = config or TLoRAConfig()
     targets = targets if targets is not None else find_target_modules(model, config)
     check_readable_weights(targets)
+    check_same_base_weights(targets)
     sums = StatisticSums(getattr(torch, config.statistics_dtype), resolve_statistics_device(config))
     run = _PassRun(_model_input_device(model), _forward_keys(model), *_shard(shard_batches))
     run.loss_scale = initial_loss_scale(model)
@@ -99,6 +100,26 @@ class _PassRun:
     sample_by_sample: bool = False  # no split applies: one pass per sample
     skipped: list = field(default_factory=list)  # samples without a label token
     loss_scale: float = 1.0  # the differentiated losses are multiplied by it (float16 models; see _unscale)
+
+
+def check_same_base_weights(targets: list[TargetModule]) -> None:
+    """Under `torch.distributed`, raise `CalibrationError` on every rank unless all ranks hold the same target weights
+    (compared through their fingerprints), naming the ranks and modules that differ."""
+    if not distributed.is_distributed():
+        return
+    fingerprints = distributed.run_agreed(lambda: {target.name: target.fingerprint() for target in targets})
+    differences = distributed.differences_from_rank_0(fingerprints)
+    if not differences:
+        return
+    described = "; ".join(
+        f"rank {rank} holds other weights than rank 0 for {', '.join(names[:5])}"
+        f"{f' and {len(names) - 5} more' if len(names) > 5 else ''} ({len(names)} of {len(targets)} target modules)"
+        for rank, names in differences.items()
+    )
+    raise CalibrationError(
+        f"the base weights differ between ranks: {described}. Every rank must load the same base model: check the "
+        "checkpoint path, revision, dtype and quantisation on every node, and change no weight before TLoRA calibrates"
+    )
 
 
 def resolve_statistics_device(config: TLoRAConfig) -> Optional[torch.device]:

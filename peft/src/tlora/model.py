@@ -20,7 +20,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 
 from . import distributed
 from .allocation import ModuleInfo, TLoRAPlan, derive_plan
-from .calibration import compute_statistics, resolve_statistics_device
+from .calibration import check_same_base_weights, compute_statistics, resolve_statistics_device
 from .calibration_statistics import TLoRAStatistics
 from .config import TLoRAConfig
 from .constants import PLAN_FILE
@@ -192,8 +192,10 @@ def get_tlora_model(
         raise TypeError(f"config must be a TLoRAConfig, got {type(config).__name__}")
     targets = find_target_modules(model, config)
     check_readable_weights(targets)
+    if statistics is not None or statistics_cache is not None:
+        check_same_base_weights(targets)  # a calibration pass checks them itself
     if statistics is not None:
-        statistics.check_matches(targets)
+        distributed.run_agreed(lambda: statistics.check_matches(targets))
     elif statistics_cache is not None:
         statistics = cached_statistics(
             model, calibration_data, config, targets, statistics_cache, seed=calibration_seed,
