@@ -97,9 +97,12 @@ def test_a_forged_pass_written_to_every_descriptor_scores_zero(shared_data):
     result = score_code_predictions("humaneval", rows, tasks, allow_subset=True, progress=False, workers=1)
     assert result["pass@1"] == 0.0 and result["records"][0]["status"] == "failed"
     assert result["unsafe_execution"] is False and result["sandbox"].startswith("bubblewrap")
-    assert score_code_predictions(
-        "humaneval", reference_predictions("humaneval", tasks), tasks, allow_subset=True, progress=False, workers=1
-    )["pass@1"] == 1.0
+    assert (
+        score_code_predictions(
+            "humaneval", reference_predictions("humaneval", tasks), tasks, allow_subset=True, progress=False, workers=1
+        )["pass@1"]
+        == 1.0
+    )
 
 
 def test_return_values_cannot_fake_equality_or_patch_the_tests_builtins(pool):
@@ -169,9 +172,14 @@ def test_other_processes_and_their_environments_are_invisible(monkeypatch):
         jobs = [
             ProgramJob(program, [f"assert {secret!r} in environment({holder.pid})"]),
             ProgramJob(program, [f"assert {os.getpid()} in visible_processes()"]),
-            ProgramJob(program, ["assert identity()[0] == 65534 and identity()[1] == 65534",
-                                 "assert not any('KEY' in name for name in identity()[2])",
-                                 "assert max(visible_processes()) < 10"]),
+            ProgramJob(
+                program,
+                [
+                    "assert identity()[0] == 65534 and identity()[1] == 65534",
+                    "assert not any('KEY' in name for name in identity()[2])",
+                    "assert max(visible_processes()) < 10",
+                ],
+            ),
         ]
         with Sandbox(FAST, workers=1) as fresh:  # helpers started after the key was set
             results = fresh.run(jobs, progress=False)
@@ -222,8 +230,20 @@ def test_eval_code_takes_unsafe_execution_and_records_it(shared_data, repo_root,
         first = json.loads(handle.readline())
     predictions.write_text(json.dumps({"task_id": "HumanEval/0", "completion": first["canonical_solution"]}) + "\n")
     output = tmp_path / "humaneval.json"
-    arguments = ["--dataset", "humaneval", "--data_file", str(shared_data / "humaneval" / "HumanEval.jsonl.gz"),
-                 "--predictions", str(predictions), "--output", str(output), "--limit", "1", "--protocol", "robust"]
+    arguments = [
+        "--dataset",
+        "humaneval",
+        "--data_file",
+        str(shared_data / "humaneval" / "HumanEval.jsonl.gz"),
+        "--predictions",
+        str(predictions),
+        "--output",
+        str(output),
+        "--limit",
+        "1",
+        "--protocol",
+        "robust",
+    ]
     monkeypatch.setattr(sys, "argv", ["code/eval_code.py", *arguments])
     with pytest.raises(SandboxUnavailableError, match="bubblewrap \\(bwrap\\) is not installed"):
         runpy.run_path(str(repo_root / "code" / "eval_code.py"), run_name="__main__")

@@ -33,12 +33,14 @@ needs EvalPlus's data file). The authors' prompts come from a `python` test file
 public in this form; the paper protocol uses this project's prompts (a difference listed in the README).
 
 Scoring: with EvalPlus's data (HumanEval+ / MBPP+ files named by `HUMANEVAL_OVERRIDE_PATH` / `MBPP_OVERRIDE_PATH`
-or `--evalplus_file`) each solution runs in EvalPlus's own sandbox (`evalplus.eval.untrusted_check`) on the base and
-the plus inputs and is compared with the canonical solution's outputs, as `evalplus.evaluate` does: `pass@1` is the
+or `--evalplus_file`) each solution is checked by EvalPlus's own checker (`evalplus.eval.untrusted_check`) on the base
+and the plus inputs and compared with the canonical solution's outputs, as `evalplus.evaluate` does: `pass@1` is the
 base score and `pass@1_plus` the base+plus score, over the EvalPlus task set (164 HumanEval, 378 MBPP tasks).
 Without that data the original tests (HumanEval's `check`, MBPP's `test_list` assertions) run in this package's
-sandbox (`sandbox.py`: a forked child per program with memory, CPU, per-test and wall-clock limits); `pass@1_plus`
-is then null and MBPP counts all 427 sanitized tasks. Generated code never runs in the scorer's process.
+sandbox (`sandbox.py`); `pass@1_plus` is then null and MBPP counts all 427 sanitized tasks. Either way the tests run
+in a trusted judge and the solution in an isolated solver (bubblewrap namespaces, uid 65534, memory, CPU, per-test
+and wall-clock limits) that only answers calls, so a solution cannot write its own verdict (see `sandbox.py`); where
+the isolation is missing, scoring stops unless `unsafe_execution`, which the result records.
 """
 
 from __future__ import annotations
@@ -551,11 +553,19 @@ def run_evalplus(
         raise ImportError("Scoring with EvalPlus data needs evalplus: pip install evalplus (the 'eval' extra).")
     limits = limits or SandboxLimits()
     isolation = resolve_isolation(limits, unsafe_execution)
-    solver_limits = {"memory_mb": limits.memory_mb, "max_file_mb": limits.max_file_mb,
-                     "max_processes": limits.max_processes}
+    solver_limits = {
+        "memory_mb": limits.memory_mb,
+        "max_file_mb": limits.max_file_mb,
+        "max_processes": limits.max_processes,
+    }
     requests = [
-        {"dataset": dataset, "path": os.path.abspath(path), "task_id": task_id, "solution": solution,
-         "limits": solver_limits}
+        {
+            "dataset": dataset,
+            "path": os.path.abspath(path),
+            "task_id": task_id,
+            "solution": solution,
+            "limits": solver_limits,
+        }
         for task_id, solution in jobs
     ]
     work_dir = tempfile.mkdtemp(prefix="tlora-evalplus-")

@@ -234,7 +234,11 @@ def isolation_problem(prefix: tuple[str, ...], drop_to: Optional[int]) -> Option
     try:
         probe = subprocess.run(
             [*prefix, sys.executable, "-I", "-c", PROBE_SOURCE, *drop],
-            capture_output=True, text=True, timeout=60, env=sandbox_environment(), stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=sandbox_environment(),
+            stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"starting bubblewrap failed: {error}"

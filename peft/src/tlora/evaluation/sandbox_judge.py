@@ -20,6 +20,7 @@ import fcntl
 import importlib
 import json
 import os
+import resource
 import select
 import shutil
 import signal
@@ -45,8 +46,20 @@ ERROR_CHARS = 2000
 JUDGE_GRACE_SECONDS = 10.0  # how long past a job's wall budget the helper waits for its judge child
 # Modules a program's global may stand for in the tests (MBPP/596 uses the program's `sys`): the judge imports its
 # own copy, never one the program names outside the standard library or one with side effects on import.
-UNSAFE_MODULES = {"antigravity", "this", "webbrowser", "turtle", "turtledemo", "tkinter", "idlelib", "__hello__",
-                  "__phello__", "pydoc", "code", "pdb"}
+UNSAFE_MODULES = {
+    "antigravity",
+    "this",
+    "webbrowser",
+    "turtle",
+    "turtledemo",
+    "tkinter",
+    "idlelib",
+    "__hello__",
+    "__phello__",
+    "pydoc",
+    "code",
+    "pdb",
+}
 
 
 class WallClockTimeout(BaseException):
@@ -142,6 +155,9 @@ class SolverProcess:
         except (OSError, EOFError, ValueError, UnicodeDecodeError) as error:
             self.gone = "the program ended the process before the tests finished (exit, crash or memory limit)"
             raise SolverGone(self.gone) from error
+        except BaseException:  # e.g. EvalPlus's per-input alarm: the reply to this request would come out of turn
+            self.gone = "an earlier call into the program was interrupted"
+            raise
         if not isinstance(reply, dict):
             self.gone = "the sandboxed process sent something that is not a reply"
             raise SolverGone(self.gone)
@@ -218,8 +234,13 @@ class Calls:
         """Call the program's `name` with plain arguments; its plain return value (or its exception, raised here)."""
         if self.remaining <= 0:
             raise SandboxTimeout(f"exceeded {self.budget:.1f} CPU seconds")
-        message = {"op": "call", "name": name, "args": codec.encode(list(args)), "kwargs": codec.encode(kwargs),
-                   "budget": self.remaining}
+        message = {
+            "op": "call",
+            "name": name,
+            "args": codec.encode(list(args)),
+            "kwargs": codec.encode(kwargs),
+            "budget": self.remaining,
+        }
         reply = self.solver.request(message)
         try:
             self.remaining -= max(0.0, float(reply.get("cpu", 0.0)))
@@ -351,8 +372,11 @@ def judge(job: dict, config: dict) -> dict:
     try:
         return judge_until(job, config, deadline)
     except WallClockTimeout:
-        return {"status": "timeout", "tests_passed": [],
-                "error": "wall-clock limit of %.1f s" % float(job["wall_seconds"])}
+        return {
+            "status": "timeout",
+            "tests_passed": [],
+            "error": "wall-clock limit of %.1f s" % float(job["wall_seconds"]),
+        }
     except SolverGone as error:
         return {"status": "failed", "tests_passed": [], "error": str(error)}
 
@@ -388,11 +412,17 @@ def judge_in_child(job: dict, config: dict) -> dict:
         try:
             os.close(read_fd)
             os.setsid()
+            # bounds what decoding the program's replies may cost here; the solver lowers it for itself
+            memory = (2 * int(job["memory_mb"]) + 1024) * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
             try:
                 result = judge(job, config)
             except WallClockTimeout:
-                result = {"status": "timeout", "tests_passed": [],
-                          "error": "wall-clock limit of %.1f s" % float(job["wall_seconds"])}
+                result = {
+                    "status": "timeout",
+                    "tests_passed": [],
+                    "error": "wall-clock limit of %.1f s" % float(job["wall_seconds"]),
+                }
             except BaseException as error:
                 result = {"status": "error", "tests_passed": [], "error": "sandbox judge: " + short_error(error)}
             data = json.dumps(result).encode()
@@ -414,8 +444,11 @@ def judge_in_child(job: dict, config: dict) -> dict:
     except ValueError:
         result = None
     if result is None:
-        result = {"status": "timeout", "tests_passed": [],
-                  "error": "wall-clock limit of %.1f s" % float(job["wall_seconds"])}
+        result = {
+            "status": "timeout",
+            "tests_passed": [],
+            "error": "wall-clock limit of %.1f s" % float(job["wall_seconds"]),
+        }
     result["seconds"] = time.monotonic() - start
     return result
 

@@ -67,7 +67,9 @@ def encode(value, handles=None, depth: int = 0):
     if isinstance(value, set):
         return {"s": inner(value)}
     if isinstance(value, dict):
-        return {"d": [[encode(key, handles, depth + 1), encode(item, handles, depth + 1)] for key, item in value.items()]}
+        return {
+            "d": [[encode(key, handles, depth + 1), encode(item, handles, depth + 1)] for key, item in value.items()]
+        }
     return encode_other(value, handles, depth)
 
 
@@ -94,7 +96,7 @@ def decode(data, handles=None, make_object=None):
         return [decode(item, handles, make_object) for item in data]
     if not isinstance(data, dict):
         return data
-    (tag, body), = data.items()
+    ((tag, body),) = data.items()
     if tag == "t":
         return tuple(decode(item, handles, make_object) for item in body)
     if tag in ("s", "f"):
@@ -180,11 +182,50 @@ def guard() -> None:
 
     builtins.open = io.open = read_only_open
     builtins.exit = builtins.quit = None
-    for name in ("kill", "killpg", "system", "remove", "removedirs", "rmdir", "unlink", "rename", "renames",
-                 "replace", "truncate", "fork", "forkpty", "setuid", "setgid", "chmod", "fchmod", "lchmod", "chown",
-                 "fchown", "lchown", "chroot", "fchdir", "chdir", "execv", "execve", "execvp", "execvpe", "execl",
-                 "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnl", "spawnle", "posix_spawn",
-                 "posix_spawnp", "popen", "plock", "nice", "setsid"):
+    for name in (
+        "kill",
+        "killpg",
+        "system",
+        "remove",
+        "removedirs",
+        "rmdir",
+        "unlink",
+        "rename",
+        "renames",
+        "replace",
+        "truncate",
+        "fork",
+        "forkpty",
+        "setuid",
+        "setgid",
+        "chmod",
+        "fchmod",
+        "lchmod",
+        "chown",
+        "fchown",
+        "lchown",
+        "chroot",
+        "fchdir",
+        "chdir",
+        "execv",
+        "execve",
+        "execvp",
+        "execvpe",
+        "execl",
+        "execle",
+        "execlp",
+        "execlpe",
+        "spawnv",
+        "spawnve",
+        "spawnl",
+        "spawnle",
+        "posix_spawn",
+        "posix_spawnp",
+        "popen",
+        "plock",
+        "nice",
+        "setsid",
+    ):
         if hasattr(os, name):
             setattr(os, name, None)
     shutil.rmtree = shutil.move = shutil.chown = None
@@ -242,8 +283,11 @@ class Solver:
             self.disarm()
         except SandboxTimeout:
             self.disarm()
-            return {"ok": False, "status": "timeout", "error": "defining the program: exceeded %.1f CPU seconds"
-                    % float(request["cpu"])}
+            return {
+                "ok": False,
+                "status": "timeout",
+                "error": "defining the program: exceeded %.1f CPU seconds" % float(request["cpu"]),
+            }
         except BaseException as error:
             self.disarm()
             return {"ok": False, "status": "failed", "error": "defining the program: " + short_error(error)}
@@ -307,7 +351,7 @@ def sender(write):
     def send(message: dict) -> None:
         data = frame(message)
         while data:
-            data = data[write(PROTOCOL_OUT, data):]
+            data = data[write(PROTOCOL_OUT, data) :]
 
     return send
 
