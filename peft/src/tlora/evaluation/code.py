@@ -700,7 +700,7 @@ def score_code_predictions(
                 setup=task_by_id[record["task_id"]].setup,
                 # HumanEval's prompt (imports, helpers such as `poly`) runs trusted beside the tests
                 context=task_by_id[record["task_id"]].text if dataset == "humaneval" else "",
-                entry_points=(task_by_id[record["task_id"]].entry_point,),
+                entry_points=tuple(filter(None, [task_by_id[record["task_id"]].entry_point])),
             )
             for record in records
         ]

@@ -22,8 +22,10 @@ namespace's init and with it every process the program started. Without bwrap or
 refuses to run (`SandboxUnavailableError`) unless `unsafe_execution=True` (`--unsafe_execution`), which runs the
 solver as a plain child process: the verdict stays unforgeable, but the program can reach the host.
 
-Cost. A namespace and an interpreter per job costs about 40 ms more than forking a warm helper (the previous
-design); the judges stay warm (`workers` of them, one job each at a time) and fork a child per job.
+Cost. The judges stay warm (`workers` of them, one job at a time each, a forked child per job); each job starts a
+fresh namespace and interpreter, about 0.1-0.2 s of CPU where forking a warm helper cost milliseconds (40 HumanEval
+canonical solutions on a busy 2-core machine: 3.8 s instead of 0.6 s). A long-lived namespace per worker would be
+cheaper, but a process the program left behind could then reach the next job's solver; a fresh one cannot.
 """
 
 from __future__ import annotations
