@@ -117,9 +117,12 @@ def check_readable_weights(targets: list[TargetModule]) -> None:
 
 
 def weight_fingerprint(weight: torch.Tensor) -> str:
-    """A short, dtype-robust digest of a weight (4096 strided elements rounded to bfloat16, plus the shape)."""
+    """A short digest of every element of a weight, plus its shape; float values are rounded to bfloat16 first, so
+    a float32 and a bfloat16 load of one checkpoint match (other dtypes count byte for byte)."""
     flat = weight.detach().reshape(-1)
-    stride = max(1, flat.numel() // 4096)
-    sample = flat[::stride][:4096].to(device="cpu", dtype=torch.bfloat16).view(torch.int16)
-    digest = hashlib.sha256(str(tuple(weight.shape)).encode() + sample.numpy().tobytes())
+    if flat.is_floating_point():
+        flat = flat.to(torch.bfloat16).view(torch.int16)
+    values = flat.contiguous().view(torch.uint8).cpu().numpy()
+    digest = hashlib.sha256(str(tuple(weight.shape)).encode())
+    digest.update(memoryview(values))
     return digest.hexdigest()[:16]
