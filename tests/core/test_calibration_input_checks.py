@@ -36,6 +36,7 @@ def _fewer_label_rows(batch):
         (_shorter_labels, r"calibration batch {index}, row 0: \d+ token labels for \d+ input_ids.*padded with -100"),
         (_fewer_label_rows, r"calibration batch {index}: labels of shape \(1, \d+\) for the 2 rows.*row 1 has none"),
     ],
+    ids=["shorter labels", "fewer label rows"],
 )
 def test_malformed_labels_in_any_batch_name_the_batch_and_row(llama, samples, index, fault, message):
     batches = pad_batches(samples, 2)
