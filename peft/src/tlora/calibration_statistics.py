@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CorruptStatisticsError, StatisticsMismatchError
+from .errors import StatisticsMismatchError
 from .targets import TargetModule
 
 logger = logging.getLogger(__name__)
@@ -37,9 +37,9 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _unreadable(path: Path, error: BaseException) -> CorruptStatisticsError:
+def _unreadable(path: Path, error: BaseException) -> StatisticsMismatchError:
     """The error for a statistics file that cannot be read (truncated, not safetensors, malformed header)."""
-    return CorruptStatisticsError(
+    return StatisticsMismatchError(
         f"the statistics file {path} cannot be read ({type(error).__name__}: {error}); it is truncated, damaged or "
         "not a TLoRA statistics file: delete it to recalibrate"
     )
@@ -64,19 +64,19 @@ def _read_tensors(path: Path, require_digest: bool) -> tuple[dict[str, str], dic
 
 
 def _check_digest(metadata: dict[str, str], tensors: dict[str, torch.Tensor], path: Path, required: bool) -> None:
-    """Raise `CorruptStatisticsError` if the tensors differ from the digest in the header (which a file of format
+    """Raise `StatisticsMismatchError` if the tensors differ from the digest in the header (which a file of format
     version 2 or later, or any file when `required`, must have)."""
     recorded = metadata.get(TENSORS_DIGEST_KEY)
     if recorded is None:
         if required or int(metadata.get("version", "0")) >= 2:
-            raise CorruptStatisticsError(
+            raise StatisticsMismatchError(
                 f"the statistics file {path} has no digest of its tensors in its header (written by an older tlora, "
                 "or damaged), so they cannot be checked; delete it to recalibrate"
             )
         logger.warning("%s was written by an older tlora and has no digest of its tensors; they are not checked.", path)
         return
     if tensors_digest(tensors) != recorded:
-        raise CorruptStatisticsError(
+        raise StatisticsMismatchError(
             f"the tensors of the statistics file {path} do not match the SHA-256 digest in its header (the file was "
             "changed or damaged after it was written); delete it to recalibrate"
         )
@@ -191,7 +191,7 @@ class TLoRAStatistics:
     def load(
         cls, path: str | Path, device: str | torch.device = "cpu", require_digest: bool = False
     ) -> "TLoRAStatistics":
-        """Read statistics written by `save` (`CorruptStatisticsError` for a damaged or unreadable file, or with
+        """Read statistics written by `save` (`StatisticsMismatchError` for a damaged or unreadable file, or with
         `require_digest` for one without a digest of its tensors)."""
         path = Path(path)
         if not path.is_file():

@@ -13,7 +13,3 @@ class NonFiniteCalibrationError(FloatingPointError):
 
 class StatisticsMismatchError(ValueError):
     """Saved statistics do not belong to this model or these target modules."""
-
-
-class CorruptStatisticsError(StatisticsMismatchError):
-    """A statistics file that cannot be read (truncated, not safetensors) or whose tensors differ from their digest."""
