@@ -280,6 +280,23 @@ def check_max_rank(max_rank: Optional[int], min_rank: int = 0) -> None:
         raise ValueError(f"max_rank={max_rank} is below min_rank={min_rank}; no rank can satisfy both")
 
 
+def check_parameter_budget(
+    parameter_budget: Optional[int], shapes: Sequence[tuple[str, int, int]], freeze_lora_A: bool = True
+) -> None:
+    """Raise `BudgetError` unless `parameter_budget` pays for at least one rank-1 adapter on one of the modules
+    `shapes` (name, out_features, in_features); nothing to check without a parameter budget."""
+    costs = [(out + (0 if freeze_lora_A else n_in), name) for name, out, n_in in shapes if min(out, n_in) > 0]
+    if parameter_budget is None or not costs:
+        return
+    cheapest, name = min(costs)
+    if parameter_budget < cheapest:
+        per_rank = "out_features" if freeze_lora_A else "out_features + in_features"
+        raise BudgetError(
+            f"parameter budget {parameter_budget} is too small for even one rank-1 adapter: the cheapest, on {name}, "
+            f"costs {cheapest} parameters ({per_rank}); give parameter_budget >= {cheapest}"
+        )
+
+
 @dataclass
 class ModuleInfo:
     """What allocation needs to know of one target module."""
@@ -319,6 +336,8 @@ def derive_plan(
     capacities = [min(m.out_features, m.in_features, max_rank or m.out_features) for m in modules]
     per_rank_cost = [m.out_features + (0 if freeze_lora_A else m.in_features) for m in modules]
     if parameter_budget is not None:
+        shapes = [(m.name, m.out_features, m.in_features) for m in modules]
+        check_parameter_budget(parameter_budget, shapes, freeze_lora_A)
         budget_type, budget = "parameters", int(parameter_budget)
         needed = sum(min(min_rank, cap) * cost for cap, cost in zip(capacities, per_rank_cost))
         if budget < needed:
@@ -354,6 +373,11 @@ def derive_plan(
             )
         ranks = allocate_ranks(sensitivities, capacities, budget, min_rank)
 
+    if sum(ranks) == 0:
+        raise BudgetError(
+            f"the {budget_type} budget {budget} gives every target module rank 0 (the modules it could pay for have "
+            "zero sensitivity); raise the budget"
+        )
     alphas = allocate_scales(sensitivities, lora_alpha) if allocate_scales_ else [lora_alpha] * len(modules)
     norm = math.sqrt if use_rslora else float
     total_rank = sum(ranks)

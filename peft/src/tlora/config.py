@@ -120,6 +120,12 @@ class TLoRAConfig(LoraConfig):
                 )
         if self.r <= 0:
             raise ValueError(f"r must be positive, got {self.r}.")
+        if not self.lora_alpha > 0:
+            raise ValueError(
+                f"lora_alpha must be positive, got {self.lora_alpha}: an adapter's scaling is lora_alpha / r "
+                "(/ sqrt(r) with use_rslora), so 0 switches the adapters off and a negative value flips their sign; "
+                "use e.g. lora_alpha = r or 2 r."
+            )
         if self.sensitivity not in SENSITIVITY_MODES:
             raise ValueError(f"sensitivity must be one of {SENSITIVITY_MODES}, got {self.sensitivity!r}.")
         if self.svd_method not in SVD_METHODS:

@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer, LoraModel
 
 from . import distributed
-from .allocation import ModuleInfo, TLoRAPlan, derive_plan
+from .allocation import ModuleInfo, TLoRAPlan, check_parameter_budget, derive_plan
 from .calibration import check_same_base_weights, compute_statistics, resolve_statistics_device
 from .calibration_statistics import TLoRAStatistics
 from .config import TLoRAConfig
@@ -192,6 +192,8 @@ def get_tlora_model(
         raise TypeError(f"config must be a TLoRAConfig, got {type(config).__name__}")
     targets = find_target_modules(model, config)
     check_readable_weights(targets)
+    shapes = [(t.name, t.out_features, t.in_features) for t in targets]
+    check_parameter_budget(config.parameter_budget, shapes, config.freeze_lora_A)  # before the calibration pass
     if statistics is not None or statistics_cache is not None:
         check_same_base_weights(targets)  # a calibration pass checks them itself
     if statistics is not None:
