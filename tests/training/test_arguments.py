@@ -131,6 +131,7 @@ def test_a_base_model_folder_that_does_not_exist_is_named(tmp_path):
 
 
 def test_overwrite_output_dir_is_a_flag_of_the_training_arguments():
+    assert "--overwrite_output_dir" in build_parser(load_task("math_train.py")).format_help()
     training = parse_training_arguments(load_task("math_train.py"), ["--overwrite_output_dir"])[3]
     assert training.overwrite_output_dir is True
     assert parse_training_arguments(load_task("math_train.py"), [])[3].overwrite_output_dir is False

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer, LoraModel
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
 
 from . import distributed
 from .allocation import ModuleInfo, TLoRAPlan, derive_plan
@@ -251,8 +253,6 @@ def _require_plan(adapter_path: Path) -> TLoRAPlan:
 
 def _check_ranks(adapter_path: Path, plan: TLoRAPlan) -> None:
     """Raise when adapter_config.json gives a module another rank than the plan (or adapts other modules)."""
-    from peft.utils.other import get_pattern_key
-
     config_path = adapter_path / "adapter_config.json"
     if not config_path.is_file():
         raise AdapterFolderError(f"{adapter_path} has {PLAN_FILE_NAME} but no adapter_config.json: the adapter was not saved")
@@ -275,8 +275,6 @@ def _recorded_fingerprint(adapter_path: Path, manifest: Optional[dict]) -> tuple
         return manifest["base_fingerprint"], ADAPTER_MANIFEST_FILE, bool(manifest.get("base_quantized"))
     init_path = adapter_path / TLORA_INIT_FILE
     if init_path.is_file():
-        from safetensors import safe_open
-
         with safe_open(str(init_path), framework="pt", device="cpu") as handle:
             recorded = (handle.metadata() or {}).get("base_fingerprint")
         return recorded, TLORA_INIT_FILE, False
