@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,7 +130,9 @@ class TLoRAPlan:
         """Write the plan as JSON (the file name should contain 'plan', e.g. tlora_plan.json)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n")
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # then os.replace: never a half-written plan
+        temporary.write_text(self.to_json() + "\n")
+        os.replace(temporary, path)
         return path
 
     @classmethod

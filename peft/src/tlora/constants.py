@@ -7,3 +7,4 @@ TLORA_INIT_FILE = "tlora_init.safetensors"  # TLoRA's frozen A, with a fingerpri
 INITIAL_ADAPTER_DIR = "initial_adapter"  # the adapter right after a base-modifying initialisation (PiSSA, CorDA, ...)
 MERGED_DIR = "merged"  # the merged full model written with --merge
 VLLM_EXPORT_FILE = "tlora_vllm_export.json"  # what `tlora.export` folded and padded (written last: the export is whole)
+ADAPTER_MANIFEST_FILE = "tlora_adapter.json"  # digests of a run's final files and the base weights' fingerprint

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from ..constants import MERGED_DIR, VLLM_EXPORT_FILE
 from ..export import check_plain_lora, check_vllm_compatible, export_for_vllm, vllm_max_lora_rank
+from ..outputs import AdapterFolderError, check_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,20 @@ def _read_adapter_config(adapter_dir: str) -> dict:
         raise ModelResolutionError(f"{config_path} is not valid JSON ({error}); re-save the adapter.") from error
 
 
+def _check_adapter_files(adapter_dir: str) -> None:
+    """Raise unless the adapter folder holds its weights and agrees with the manifest of its last complete save."""
+    if not any(os.path.isfile(os.path.join(adapter_dir, name)) for name in ADAPTER_WEIGHT_NAMES):
+        raise ModelResolutionError(
+            f"{adapter_dir} holds {ADAPTER_CONFIG_NAME} but no adapter weights ({' or '.join(ADAPTER_WEIGHT_NAMES)}); "
+            "the run that wrote it did not finish saving, or the file was moved: point --model at a complete "
+            "adapter folder (or rerun the training)."
+        )
+    try:
+        check_manifest(adapter_dir)
+    except AdapterFolderError as error:
+        raise ModelResolutionError(str(error)) from error
+
+
 def _hub_adapter_config(repo_id: str) -> Optional[dict]:
     """The adapter configuration of a hub repository, or None when it has none or the hub cannot be reached."""
     try:
@@ -76,7 +91,13 @@ def _hub_adapter_config(repo_id: str) -> Optional[dict]:
 def _base_model_from_config(adapter_config: dict, adapter_path: str, base_model: Optional[str]) -> str:
     """The base model of an adapter: the override if given, else `base_model_name_or_path` from its config."""
     if base_model:
-        return base_model
+        expanded = os.path.expanduser(base_model)
+        if not os.path.isdir(expanded) and (os.path.exists(expanded) or _looks_like_local_path(base_model)):
+            raise ModelResolutionError(
+                f"--base_model {base_model} is not a model folder on this machine (it does not exist or is a file) and "
+                "not a Hugging Face hub id ('org/name'); pass the base model's local folder or hub id."
+            )
+        return expanded if os.path.isdir(expanded) else base_model
     name = adapter_config.get("base_model_name_or_path")
     if not name:
         raise ModelResolutionError(
@@ -97,6 +118,7 @@ def resolve_model(path: str, base_model: Optional[str] = None) -> ResolvedModel:
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
         if os.path.isfile(os.path.join(expanded, ADAPTER_CONFIG_NAME)):
+            _check_adapter_files(expanded)
             config = _read_adapter_config(expanded)
             base = _base_model_from_config(config, expanded, base_model)
             return ResolvedModel(kind="adapter", path=expanded, base_model=base, adapter_path=expanded)

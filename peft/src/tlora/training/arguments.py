@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -61,6 +63,26 @@ class ModelArguments:
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("--load_in_4bit and --load_in_8bit exclude each other; pass one of them")
+        check_model_location("--base_model", self.base_model)
+        if self.tokenizer:
+            check_model_location("--tokenizer", self.tokenizer)
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+def check_model_location(option: str, value: str) -> None:
+    """Raise when `value` is written as a local path (or names a file) but is not a folder on this machine."""
+    path = os.path.expanduser(value)
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise ValueError(f"{option} {value}: this is a file, not a model folder; pass the folder that holds config.json")
+    if value.startswith((".", "/", "~")) or not HUB_ID.match(value):
+        raise ValueError(
+            f"{option} {value}: no such folder on this machine, and it is not a Hugging Face hub id ('org/name'); "
+            "check the path"
+        )
 
 
 @dataclass
@@ -246,7 +268,27 @@ class TaskDefaults:
     description: str = ""
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, MethodArguments, TrainingArguments)
+@dataclass
+class TLoRATrainingArguments(TrainingArguments):
+    """`transformers.TrainingArguments` with the output-folder guard's flag (transformers 5 dropped its own) and a
+    positive batch size checked at parsing."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Write this run into an --output_dir that already holds another run (run record, adapter, plan "
+            "or checkpoints); without it such a folder is refused unless --resume_from_checkpoint is given."
+        },
+    )
+
+    def __post_init__(self):
+        for option in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, option) <= 0:
+                raise ValueError(f"--{option} must be a positive number of examples, got {getattr(self, option)}")
+        super().__post_init__()
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, MethodArguments, TLoRATrainingArguments)
 
 
 def paper_defaults(**overrides: Any) -> dict[str, Any]:
