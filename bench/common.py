@@ -645,3 +645,93 @@ def med(summary: dict, key: str) -> Optional[float]:
     """The median of `key` in a `summarise_runs` result (None when absent)."""
     entry = summary.get(key)
     return entry["median"] if entry else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What several parts share: the compared methods, the shared data, small statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+# bench name -> (training-core method, rank factor)
+METHODS = {
+    "lora": ("lora", 1.0),
+    "lora_half": ("lora", 0.5),
+    "pissa": ("pissa", 1.0),
+    "dora": ("dora", 1.0),
+    "corda": ("corda", 1.0),
+    "eva": ("eva", 1.0),
+    "loraga": ("loraga", 1.0),
+    "tlora": ("tlora", 1.0),
+}
+LABELS = {"lora": "LoRA r", "lora_half": "LoRA r/2", "pissa": "PiSSA", "dora": "DoRA", "corda": "CorDA (IPM)",
+          "eva": "EVA", "loraga": "LoRA-GA", "tlora": "TLoRA"}
+
+
+
+class DataMissingError(FileNotFoundError):
+    """The shared data or the packaged model is not where the benchmark looks for it."""
+
+
+def shared_data_dir(given: Optional[str] = None) -> Path:
+    """The shared data folder: --data-dir, else $TLORA_SHARED_DATA, else ../shared/data beside the repository."""
+    path = Path(given or os.environ.get("TLORA_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
+    if not (path / "commonsense").is_dir():
+        raise DataMissingError(
+            f"the quality benchmark reads the commonsense test sets from {path}/commonsense/<task>/test.json, which "
+            "does not exist; pass --data-dir (or set TLORA_SHARED_DATA) to the folder holding commonsense/"
+        )
+    return path
+
+
+
+def mean(values: Sequence[float]) -> float:
+    """The mean, NaN for no values."""
+    return statistics.mean(values) if values else float("nan")
+
+
+def std(values: Sequence[float]) -> float:
+    """The sample standard deviation, 0 for fewer than two values."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def method_context(llama, method: str, r: int, batch_size: int, calibration, output_dir: str, device: str,
+                   eva_max_passes: int = 10, task_type: str = "CAUSAL_LM", target_modules=None,
+                   lora_alpha: Optional[float] = None, num_samples: int = 64, is_main_process: bool = False):
+    """A training-core `MethodContext` for `method` (so every method is built exactly as the training core does)."""
+    from peft import TaskType
+    from transformers import TrainingArguments
+
+    from tlora.training.arguments import MethodArguments
+    from tlora.training.methods import MethodContext
+
+    arguments = MethodArguments(
+        method=method,
+        lora_r=r,
+        lora_alpha=r if lora_alpha is None else lora_alpha,
+        target_modules=list(target_modules or LLAMA_TARGETS),
+        calibration_samples=num_samples,
+        calibration_batch_size=batch_size,
+        eva_max_passes=eva_max_passes,
+    )
+    training_args = TrainingArguments(
+        output_dir=output_dir, report_to="none", use_cpu=not device.startswith("cuda"), disable_tqdm=True
+    )
+    return MethodContext(llama, arguments, training_args, TaskType[task_type], calibration, Path(output_dir), 1,
+                         is_main_process=is_main_process)
+
+
+def targets_markdown(checks: list[dict]) -> list[str]:
+    """The target checks as a Markdown table."""
+    rows = [[c["target"], fmt(c["value"], 3), c["bound"], {True: "met", False: "**missed**", None: "—"}[c["met"]]]
+            for c in checks]
+    return ["Targets:", "", markdown_table(["target", "measured", "bound", ""], rows), ""]
+
+
+def parse_overrides(text: Optional[str], config: dict) -> dict:
+    """`max_steps=40,batch_size=8` as {"max_steps": 40, "batch_size": 8} (values take the type of the default)."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, _, value = item.partition("=")
+        if key not in config or not value:
+            raise SystemExit(f"--real-sizes: {item!r} is not KEY=VALUE with KEY one of {', '.join(sorted(config))}")
+        overrides[key] = type(config[key])(value)
+    return overrides

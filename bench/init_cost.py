@@ -24,6 +24,7 @@ from common import (
     machine_info,
     markdown_table,
     med,
+    method_context,
     memory_record,
     paired_ratio,
     part_header,
@@ -35,6 +36,7 @@ from common import (
     stopwatch,
     summarise_runs,
     target_check,
+    targets_markdown,
     write_json,
 )
 
@@ -233,32 +235,6 @@ def _stored_device(statistics, name: str):
     record = statistics.module(name)
     stored = statistics.covariances.get(record.covariance_key, statistics.cross_covariances.get(name))
     return stored.device
-
-
-def method_context(llama, method: str, r: int, batch_size: int, calibration, output_dir: str, device: str,
-                   eva_max_passes: int = 10, task_type: str = "CAUSAL_LM", target_modules=None,
-                   lora_alpha: Optional[float] = None, num_samples: int = 64, is_main_process: bool = False):
-    """A training-core `MethodContext` for `method` (so every method is built exactly as the training core does)."""
-    from peft import TaskType
-    from transformers import TrainingArguments
-
-    from tlora.training.arguments import MethodArguments
-    from tlora.training.methods import MethodContext
-
-    arguments = MethodArguments(
-        method=method,
-        lora_r=r,
-        lora_alpha=r if lora_alpha is None else lora_alpha,
-        target_modules=list(target_modules or LLAMA_TARGETS),
-        calibration_samples=num_samples,
-        calibration_batch_size=batch_size,
-        eva_max_passes=eva_max_passes,
-    )
-    training_args = TrainingArguments(
-        output_dir=output_dir, report_to="none", use_cpu=not device.startswith("cuda"), disable_tqdm=True
-    )
-    return MethodContext(llama, arguments, training_args, TaskType[task_type], calibration, Path(output_dir), 1,
-                         is_main_process=is_main_process)
 
 
 def measure_peft_init(model: dict, num_samples: int, seq_len: int, device: str, r: int, init: str, **_: Any) -> dict:
@@ -606,10 +582,3 @@ def markdown(data: dict) -> str:
                                   "max rel. diff. C / W C"], rows), ""]
     lines += targets_markdown(data["targets"])
     return "\n".join(lines)
-
-
-def targets_markdown(checks: list[dict]) -> list[str]:
-    """The target checks as a Markdown table."""
-    rows = [[c["target"], fmt(c["value"], 3), c["bound"], {True: "met", False: "**missed**", None: "—"}[c["met"]]]
-            for c in checks]
-    return ["Targets:", "", markdown_table(["target", "measured", "bound", ""], rows), ""]

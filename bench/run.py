@@ -30,7 +30,7 @@ if str(BENCH_DIR) not in sys.path:
 
 from common import ISOLATIONS, RESULTS_DIR, Settings, describe_machine, prepare_isolation, resolve_device  # noqa: E402,E501
 
-PARTS = ("init_cost", "memory", "train_step", "quality", "real", "real_perf")
+PARTS = ("init_cost", "memory", "train_step", "quality", "real", "real_perf", "tuned")
 DEFAULT_PARTS = ("init_cost", "memory", "train_step")
 PART_NUMBERS = {"1": "init_cost", "2": "memory", "3": "train_step", "4": "quality"}
 SUMMARY_FILE = "SUMMARY.md"
@@ -54,18 +54,19 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                              "figures then include what earlier cases left behind).")
     parser.add_argument("--in-process", action="store_true", help="Same as --isolation in-process (for tests).")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="Where the JSON files and SUMMARY.md go.")
-    parser.add_argument("--seeds", type=int, default=None, help="Quality: training seeds per method (default 3).")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="Quality, real, tuned: training seeds per method (default 3 / 2 / 2).")
     parser.add_argument("--epochs", type=int, default=None, help="Quality: training epochs (default 1).")
     parser.add_argument("--sweep-task", default=None,
                         help="Quality: the task whose validation split chooses each method's learning rate "
                              "(default math_type).")
     parser.add_argument("--methods", default=None,
-                        help="Quality and real: comma-separated subset of lora,lora_half,pissa,dora,corda,eva,loraga,tlora.")
+                        help="Quality, real and tuned: comma-separated subset of lora,lora_half,pissa,dora,corda,eva,loraga,tlora.")
     parser.add_argument("--real-tasks", default=None,
-                        help="Real: comma-separated subset of commonsense,math (default both).")
+                        help="Real and tuned: comma-separated subset of commonsense,math (default both).")
     parser.add_argument("--real-sizes", default=None,
-                        help="Real: KEY=VALUE overrides of the sizes, e.g. max_steps=40,batch_size=8,cutoff_len=256 "
-                             "(see bench/real.py sizes()).")
+                        help="Real and tuned: KEY=VALUE overrides of the sizes, e.g. max_steps=40,batch_size=8,cutoff_len=256 "
+                             "(see sizes() in bench/real.py and bench/tuned.py).")
     parser.add_argument("--tasks", default=None,
                         help="Quality: comma-separated tasks (default math_type,social_i_qa): math_type or any "
                              "multiple-choice set of ../shared/data/commonsense (piqa, social_i_qa, ARC-Easy, ...).")

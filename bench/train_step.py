@@ -20,6 +20,7 @@ from common import (
     machine_info,
     markdown_table,
     med,
+    method_context,
     memory_record,
     median,
     paired_ratio,
@@ -33,6 +34,7 @@ from common import (
     summarise_runs,
     synchronize,
     target_check,
+    targets_markdown,
     write_json,
 )
 
@@ -57,7 +59,6 @@ def sizes(scale: str) -> dict[str, Any]:
 
 def _build(method: str, model: dict, r: int, device: str, tlora_dir: str, calibration, resume: bool):
     """The model to train for `method`, built through the training core's method table."""
-    from init_cost import method_context
     from tlora.training.methods import build_method
 
     llama = random_llama(model, device=device, seed=0)
@@ -76,7 +77,6 @@ def prepare_tlora(model: dict, device: str, r: int, calibration_samples: int, ca
                   seq_len: int, output_dir: str, **_: Any) -> dict:
     """Calibrate TLoRA once (training core's build_tlora), leaving tlora_plan.json and the initial A in output_dir."""
     calibration = calibration_set(random_examples(calibration_samples, seq_len, model["vocab_size"], seed=1))
-    from init_cost import method_context
     from tlora.training.methods import build_method
 
     llama = random_llama(model, device=device, seed=0)
@@ -191,7 +191,6 @@ LABELS = {
 
 def markdown(data: dict) -> str:
     """The part's section of SUMMARY.md."""
-    from init_cost import targets_markdown
 
     config, summary, ratios = data["config"], data["summary"], data["ratios_to_lora"]
     model = config["model"]

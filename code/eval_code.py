@@ -10,7 +10,9 @@ A task missing from the data or the predictions is an error unless --allow_subse
     HUMANEVAL_OVERRIDE_PATH=HumanEvalPlus.jsonl python code/eval_code.py --dataset humaneval --predictions ...
     python code/eval_code.py --dataset mbpp --data_file ../shared/data/mbpp/sanitized-mbpp.json --score_references
 
-Generated code runs in separate processes with time and memory limits, never in this process.
+Generated code runs isolated (bubblewrap: its own namespaces, uid 65534, no network, read-only system, private
+/tmp) with time, memory and process limits; its tests run outside it. Without bubblewrap or user namespaces the
+scorer refuses to start unless --unsafe_execution.
 """
 
 from __future__ import annotations
@@ -70,6 +72,14 @@ class CodeEvaluationArguments:
     timeout_per_test: float = field(default=15.0, metadata={"help": "CPU seconds per test (original tests)."})
     memory_mb: int = field(default=4096, metadata={"help": "Address-space limit per program, MiB (original tests)."})
     workers: Optional[int] = field(default=None, metadata={"help": "Programs tested in parallel (default: CPU count)."})
+    unsafe_execution: bool = field(
+        default=False,
+        metadata={
+            "help": "Run generated code WITHOUT isolation when bubblewrap or user namespaces are missing (otherwise "
+            "scoring refuses to start). Verdicts stay unforgeable, but the code can read and change this machine: "
+            "only for code you trust. Recorded in the result (unsafe_execution)."
+        },
+    )
     max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={"help": "Most new tokens per completion."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per batch for the HF backend."})
     limit: Optional[int] = field(default=None, metadata={"help": "Only the first N problems (smoke tests)."})
@@ -112,6 +122,7 @@ def main() -> None:
         workers=arguments.workers,
         score_references=arguments.score_references,
         extra={"model": model_arguments.model},
+        unsafe_execution=arguments.unsafe_execution,
     )
     plus = "" if result["pass@1_plus"] is None else f", {arguments.dataset}+ pass@1 {result['pass@1_plus']:.4f}"
     subset = ", subset" if result["data"]["subset"] else ""

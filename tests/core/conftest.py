@@ -49,6 +49,18 @@ def pad_batches(samples, batch_size, pad_id=0, side="right"):
     return batches
 
 
+class CountingBatches:
+    """Batches that count how many were taken from them."""
+
+    def __init__(self, batches):
+        self.batches, self.taken = batches, 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.taken += 1
+            yield batch
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return byte_tokenizer()

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import LLAMA_TARGETS, pad_batches
-from tlora import TLoRAConfig, get_tlora_model
+from tlora import TLoRAConfig, get_tlora_model, load_tlora_model
 from tlora.config import exact_pattern_keys
 
 STOCK_LOADER = textwrap.dedent(
@@ -99,3 +99,16 @@ def test_get_tlora_model_leaves_outputs_unchanged(llama, samples):
     with torch.no_grad():
         after = model(**inputs).logits
     assert torch.equal(before, after)
+
+
+def test_load_tlora_model_refuses_a_folder_without_its_plan(llama, samples, tmp_path):
+    import pytest
+
+    from tlora.outputs import AdapterFolderError
+    from tlora.toy import tiny_llama
+
+    _trained_tlora(llama, samples).save_pretrained(tmp_path)  # the adapter alone, no tlora_plan.json beside it
+    base = tiny_llama(hidden_size=32, num_layers=2, intermediate_size=48, num_heads=4, seed=0)
+    with pytest.raises(AdapterFolderError, match=r"has no tlora_plan.json, so it is not a TLoRA adapter folder .*"
+                       r"peft.PeftModel.from_pretrained\(model, "):
+        load_tlora_model(base, tmp_path, is_trainable=True)

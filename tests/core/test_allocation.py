@@ -1,5 +1,6 @@
 """Allocation of ranks and scales: exact budget, caps, minimums, proportionality, determinism."""
 
+import json
 import math
 
 import pytest
@@ -154,3 +155,59 @@ def test_plan_json_round_trip(tmp_path):
 def test_derive_plan_rejects_budget_below_min_rank():
     with pytest.raises(BudgetError, match="min_rank=4"):
         derive_plan(_modules(), r=8, lora_alpha=8, rank_budget=10, min_rank=4)
+
+
+def _four_modules():
+    return [ModuleInfo(f"model.layers.{i}.self_attn.q_proj", 64, 64, s) for i, s in enumerate([10.0, 1.0, 3.0, 2.0])]
+
+
+def test_max_rank_caps_ranks_and_the_excess_goes_to_the_others_in_proportion():
+    plan = derive_plan(_four_modules(), r=10, lora_alpha=10, max_rank=12)
+    # Shares 10 : 1 : 3 : 2 of 40; the first two are capped at 12, the rest 16 split 1 : 2 = 5.33 : 10.67.
+    assert [entry.rank for entry in plan.modules] == [12, 5, 12, 11]
+    assert plan.budget_spent == plan.total_rank == 40 and plan.max_rank == 12
+    assert TLoRAPlan.from_dict(json.loads(plan.to_json())) == plan
+    uncapped = derive_plan(_four_modules(), r=10, lora_alpha=10)
+    assert max(entry.rank for entry in uncapped.modules) == 25 and uncapped.max_rank is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(problems(), st.integers(min_value=1, max_value=64))
+def test_max_rank_is_respected_and_the_budget_spent_exactly(problem, max_rank):
+    values, capacities, _, _ = problem
+    modules = [ModuleInfo(f"m{i}", cap, 2 * cap, value) for i, (cap, value) in enumerate(zip(capacities, values))]
+    reachable = sum(min(cap, max_rank) for cap, value in zip(capacities, values) if value > 0)
+    budget = max(1, reachable // 2)
+    plan = derive_plan(modules, r=1, lora_alpha=1, rank_budget=budget, max_rank=max_rank)
+    assert plan.total_rank == budget
+    assert all(entry.rank <= min(max_rank, entry.out_features) for entry in plan.modules)
+    # The cap is the capacity min(m, n, max_rank) of the existing allocation rule.
+    capped = [min(cap, max_rank) for cap in capacities]
+    assert [entry.rank for entry in plan.modules] == allocate_ranks(values, capped, budget)
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"max_rank": 0}, ValueError, "max_rank must be a positive integer"),
+        ({"max_rank": 2.5}, ValueError, "max_rank must be a positive integer"),
+        ({"max_rank": True}, ValueError, "max_rank must be a positive integer"),
+        ({"max_rank": 2, "min_rank": 3}, ValueError, "max_rank=2 is below min_rank=3"),
+        ({"max_rank": 9}, BudgetError, r"rank budget 40 exceeds max_rank=9 x 4 target modules = 36"),
+        ({"max_rank": 4, "parameter_budget": 64 * 17}, BudgetError, "ranks capped at max_rank=4"),
+    ],
+)
+def test_max_rank_is_validated_and_must_hold_the_budget(options, error, message):
+    with pytest.raises(error, match=message):
+        derive_plan(_four_modules(), r=10, lora_alpha=10, **options)
+
+
+def test_tlora_config_checks_max_rank_against_r():
+    from tlora import TLoRAConfig
+
+    assert TLoRAConfig(r=8, max_rank=8).max_rank == 8
+    assert TLoRAConfig(r=16, max_rank=8, rank_budget=32).max_rank == 8  # an explicit budget is checked at allocation
+    with pytest.raises(BudgetError, match="r=16; lower r to at most 8"):
+        TLoRAConfig(r=16, max_rank=8)
+    with pytest.raises(ValueError, match="max_rank must be a positive integer"):
+        TLoRAConfig(r=8, max_rank=-1)

@@ -21,6 +21,7 @@ from tlora.evaluation.code import (
     read_code_predictions,
     score_code_predictions,
 )
+from tlora.evaluation.common import DataFormatError
 from tlora.evaluation.generation import CallableBackend
 from tlora.prompts import format_prompt
 
@@ -137,6 +138,27 @@ def test_unknown_task_ids_are_rejected_and_missing_ones_need_allow_subset(shared
     result = score_code_predictions("humaneval", rows, tasks, data_file=data_file, allow_subset=True, progress=False)
     assert result["pass@1"] == 1.0 and result["num_items"] == 1
     assert result["data"] == {"source": data_file, "num_items": 1, "expected_items": 164, "subset": True}
+
+
+def test_a_predictions_file_with_a_duplicated_unknown_or_no_task_is_refused_with_its_line(tmp_path, shared_data):
+    # A file holding a task twice used to be scored as the mean of both rows, silently.
+    data_file = str(shared_data / "mbpp" / "sanitized-mbpp.json")
+    tasks = load_code_tasks("mbpp", data_file, limit=2)
+    path = tmp_path / "mbpp_predictions.jsonl"
+    cases = [
+        (
+            [tasks[0].task_id, tasks[1].task_id, tasks[0].task_id],
+            rf"line 3 \(row 2\): task {tasks[0].task_id} appears twice \(first at .*line 1 \(row 0\)\)",
+        ),
+        ([tasks[0].task_id, "Mbpp/999999"], r"line 2 \(row 1\): task Mbpp/999999 is outside the first 2 tasks of "),
+        ([], r"holds no predictions \(an empty file\)"),
+    ]
+    for task_ids, message in cases:
+        path.write_text("".join(json.dumps({"task_id": task_id, "completion": "pass"}) + "\n" for task_id in task_ids))
+        with pytest.raises(DataFormatError, match=message):
+            evaluate_code(
+                "mbpp", predictions_file=str(path), data_file=data_file, limit=2, protocol="robust", allow_subset=True
+            )
 
 
 def test_several_samples_per_task_give_the_mean_pass_rate():

@@ -106,6 +106,23 @@ def test_a_solution_that_only_fits_the_base_inputs_fails_plus(shared_data, human
     assert result["pass@1"] == 0.5 and result["pass@1_plus"] == 0.0
 
 
+def test_evalplus_compares_outside_the_program_and_the_program_cannot_write_host_files(
+    shared_data, humaneval_plus, tmp_path
+):
+    tasks = load_code_tasks("humaneval", str(shared_data / "humaneval" / "HumanEval.jsonl.gz"))
+    written = tmp_path / "written-by-the-program.txt"
+    rows = [
+        {
+            "task_id": "HumanEval/0",
+            "completion": "    class Equal:\n        def __eq__(self, other):\n            return True\n    return Equal()\n",
+        },
+        {"task_id": "HumanEval/2", "completion": f"    open({str(written)!r}, 'w').write('x')\n    return number % 1.0\n"},
+    ]
+    result = score_code_predictions("humaneval", rows, tasks, evalplus_file=humaneval_plus, workers=2, progress=False)
+    assert [record["status"]["base"] for record in result["records"]] == ["fail", "fail"]
+    assert result["pass@1"] == 0.0 and not written.exists()
+
+
 def test_mbpp_plus_uses_the_evalplus_task_set_and_deserialised_inputs(shared_data, mbpp_plus):
     tasks = load_code_tasks("mbpp", str(shared_data / "mbpp" / "sanitized-mbpp.json"))
     reference = next(task for task in tasks if task.task_id == "Mbpp/2").reference

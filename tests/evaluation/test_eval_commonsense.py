@@ -217,3 +217,29 @@ def test_cli_generates_from_an_adapter_directory_with_the_hf_backend(
     assert set(result["tasks"]) == {"boolq", "winogrande"} and result["num_items"] == 4
     assert result["generation"]["max_new_tokens"] == commonsense.MAX_NEW_TOKENS
     assert all(0 < len(record["completion"]) for record in result["records"])
+
+
+def test_empty_repeated_unknown_and_unmatched_predictions_are_errors_naming_the_line(tmp_path):
+    (tmp_path / "boolq").mkdir()
+    rows = [{"instruction": f"q{i}", "input": "", "output": "true", "answer": "true"} for i in range(2)]
+    (tmp_path / "boolq" / "test.json").write_text(json.dumps(rows))
+    cases = (
+        ([], r"p.jsonl holds no predictions \(an empty file\)"),
+        (
+            [("boolq", 0), ("boolq", 1), ("boolq", 0)],
+            r"p.jsonl, line 3 \(row 2\): task 'boolq' id 0 appears twice \(first at .*p.jsonl, line 1 \(row 0\)\)",
+        ),
+        ([("boolq", 2)], r"line 1 \(row 0\): task 'boolq' id 2 is outside the data files \(boolq: 2 rows\)"),
+        ([("piqa", 0)], r"p.jsonl has no prediction for any row of the tasks evaluated \(boolq\)"),
+    )
+    for keys, message in cases:
+        predictions = write_rows(
+            tmp_path / "p.jsonl", [{"id": index, "task": task, "completion": "true"} for task, index in keys]
+        )
+        with pytest.raises(DataFormatError, match=message):
+            run(
+                ModelArguments(),
+                EvaluationArguments(predictions=predictions),
+                CommonsenseArguments(data_dir=str(tmp_path), tasks="boolq"),
+                write=False,
+            )

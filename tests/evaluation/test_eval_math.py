@@ -344,3 +344,64 @@ def test_math_cli_scores_predictions(shared_data, tmp_path, repo_root):
     assert result["records"][0]["gold"] == "2" and result["records"][0]["extracted"] == "2"
     assert result["records"][3]["extracted"] is None
     assert os.path.isfile(tmp_path / "math_predictions.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Predictions files: empty, duplicated ids, ids outside the data (one check, common.check_prediction_ids)
+
+
+def test_an_empty_predictions_file_is_an_error_not_zero_of_zero(tmp_path, repo_root):
+    data_file = write_rows(tmp_path / "data.jsonl", [{"question": "q", "answer": "#### 1"}])
+    predictions = tmp_path / "empty.jsonl"
+    predictions.write_text("\n")
+    for script in ("math/eval_gsm8k.py", "math/eval_math.py"):
+        data = (
+            data_file
+            if script.endswith("gsm8k.py")
+            else write_rows(tmp_path / "math.jsonl", [{"problem": "p", "solution": "$\\boxed{1}$"}])
+        )
+        with pytest.raises(DataFormatError, match=r"empty.jsonl holds no predictions \(an empty file\)"):
+            run_script(
+                repo_root,
+                script,
+                "--predictions",
+                str(predictions),
+                "--data_file",
+                data,
+                "--allow_subset",
+                "--output",
+                str(tmp_path / "out.json"),
+            )
+    assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("task", [gsm8k.TASKS["paper"], math_answers.TASKS["robust"]], ids=["gsm8k", "math"])
+def test_duplicated_and_unknown_prediction_ids_name_the_file_line_and_id(task, tmp_path):
+    rows = (
+        [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(3)]
+        if task.name == "gsm8k"
+        else [{"problem": f"p{i}", "solution": f"$\\boxed{{{i}}}$"} for i in range(3)]
+    )
+    data_file = write_rows(tmp_path / "data.jsonl", rows)
+    arguments = {"data_file": data_file, "allow_subset": True, "protocol": task.protocol}
+    duplicated = write_rows(
+        tmp_path / "twice.jsonl",
+        [{"id": 0, "completion": "The answer is: 0"}, {"id": 2, "completion": "a"}, {"id": 0, "completion": "b"}],
+    )
+    with pytest.raises(
+        DataFormatError,
+        match=r"twice.jsonl, line 3 \(row 2\): id 0 appears twice \(first at "
+        r".*twice.jsonl, line 1 \(row 0\)\)",
+    ):
+        run_task(task, ModelArguments(), EvaluationArguments(predictions=duplicated, **arguments), write=False)
+    unknown = write_rows(tmp_path / "unknown.jsonl", [{"id": 1, "completion": "a"}, {"id": 3, "completion": "b"}])
+    with pytest.raises(
+        DataFormatError,
+        match=r"unknown.jsonl, line 2 \(row 1\): id 3 is outside the data file's "
+        r"3 rows \(ids 0 to 2\)",
+    ):
+        run_task(task, ModelArguments(), EvaluationArguments(predictions=unknown, **arguments), write=False)
+    # Predictions only for rows left out by --limit: nothing to score is an error, not 0/0.
+    late = write_rows(tmp_path / "late.jsonl", [{"id": 2, "completion": "The answer is: 2"}])
+    with pytest.raises(DataFormatError, match=r"late.jsonl has no prediction for any of the 1 rows evaluated"):
+        run_task(task, ModelArguments(), EvaluationArguments(predictions=late, limit=1, **arguments), write=False)

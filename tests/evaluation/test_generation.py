@@ -164,3 +164,113 @@ def test_vllm_backend_merges_adapters_and_passes_identical_settings(tiny_adapter
     assert backend.generate(["p1", "p2"], settings) == ["The answer is: 4\n", "The answer is: 4\n"]
     params = llm.calls[-1][1]
     assert (params.temperature, params.top_p, params.max_tokens, params.stop) == (0.0, 1.0, 7, ["### Instruction"])
+
+
+class FakeLoRALLM(FakeLLM):
+    """FakeLLM that also records the LoRA request of each generate call."""
+
+    def generate(self, prompts, params, lora_request=None):
+        self.lora_requests = getattr(self, "lora_requests", []) + [lora_request]
+        return super().generate(prompts, params)
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A stand-in vLLM module (LLM, SamplingParams, lora.request.LoRARequest) on a machine with 1 GPU."""
+    fake = types.ModuleType("vllm")
+    fake.LLM = FakeLoRALLM
+    fake.SamplingParams = lambda **options: types.SimpleNamespace(**options)
+    request_module = types.ModuleType("vllm.lora.request")
+    request_module.LoRARequest = lambda **fields: types.SimpleNamespace(**fields)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", request_module)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    return fake
+
+
+@pytest.fixture(scope="module")
+def patterned_adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter with per-module ranks and alphas (as TLoRA saves them) and non-zero B, without a tokenizer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 10},
+        alpha_pattern={"q_proj": 12},
+    )
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    directory = tmp_path_factory.mktemp("patterned_adapter")
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_vllm_backend_serves_a_patterned_adapter_unmerged_through_its_export(
+    patterned_adapter_dir, tiny_model_dir, tmp_path, fake_vllm
+):
+    import json
+
+    backend = make_backend(str(patterned_adapter_dir), "vllm", serve_adapter=True, work_dir=str(tmp_path))
+    llm = FakeLoRALLM.instances[-1]
+    assert (llm.options["model"], llm.options["tokenizer"]) == (str(tiny_model_dir), str(tiny_model_dir))
+    assert (llm.options["enable_lora"], llm.options["max_lora_rank"], llm.options["max_loras"]) == (True, 16, 1)
+    lora_path = backend.lora_request.lora_path
+    assert lora_path.startswith(str(tmp_path)) and lora_path.endswith("-rauto"), "exported into the work dir"
+    exported = json.loads((tmp_path / lora_path.rsplit("/", 1)[-1] / "adapter_config.json").read_text())
+    assert (exported["r"], exported["rank_pattern"], exported["alpha_pattern"]) == (16, {}, {})
+    assert not any(path.name.startswith("merged-") for path in tmp_path.iterdir()), "nothing is merged"
+    assert backend.generate(["p1"], GenerationSettings(max_new_tokens=3)) == ["The answer is: 4\n### Instruction: more"]
+    assert llm.lora_requests[-1] is backend.lora_request and backend.lora_request.lora_int_id == 1
+    written = (tmp_path / lora_path.rsplit("/", 1)[-1] / "adapter_model.safetensors").stat().st_mtime_ns
+    again = make_backend(str(patterned_adapter_dir), "vllm", serve_adapter=True, work_dir=str(tmp_path))
+    assert again.lora_request.lora_path == lora_path
+    assert (tmp_path / lora_path.rsplit("/", 1)[-1] / "adapter_model.safetensors").stat().st_mtime_ns == written
+
+
+def test_vllm_backend_serves_a_plain_adapter_from_its_own_folder(tiny_adapter_dir, tmp_path, fake_vllm):
+    backend = make_backend(str(tiny_adapter_dir), "vllm", serve_adapter=True, max_lora_rank=64, work_dir=str(tmp_path))
+    llm = FakeLoRALLM.instances[-1]
+    assert backend.lora_request.lora_path == str(tiny_adapter_dir), "no patterns: vLLM reads the adapter as saved"
+    assert llm.options["max_lora_rank"] == 64 and list(tmp_path.iterdir()) == []
+
+
+def test_vllm_serving_options_are_checked_before_vllm_starts(tiny_model_dir, tiny_adapter_dir, tmp_path, fake_vllm):
+    import json
+    import shutil
+
+    from tlora.evaluation.models import ModelResolutionError
+    from tlora.export import AdapterExportError
+
+    FakeLoRALLM.instances.clear()
+    with pytest.raises(ModelResolutionError, match="is a merged model; point --model at the adapter folder"):
+        make_backend(str(tiny_model_dir), "vllm", serve_adapter=True, work_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="--max_lora_rank applies to --serve_adapter only"):
+        make_backend(str(tiny_adapter_dir), "vllm", max_lora_rank=16, work_dir=str(tmp_path))
+    with pytest.raises(AdapterExportError, match="max_lora_rank 12 is not one vLLM accepts"):
+        make_backend(str(tiny_adapter_dir), "vllm", serve_adapter=True, max_lora_rank=12, work_dir=str(tmp_path))
+    pissa = tmp_path / "pissa_adapter"
+    shutil.copytree(tiny_adapter_dir, pissa)
+    config = json.loads((pissa / "adapter_config.json").read_text())
+    (pissa / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
+    with pytest.raises(AdapterExportError, match="init_lora_weights='pissa': it applies to a base model PEFT modified"):
+        make_backend(str(pissa), "vllm", serve_adapter=True, work_dir=str(tmp_path / "work"))
+    assert FakeLoRALLM.instances == []
+
+
+def test_serve_adapter_flags_reach_the_backend_options():
+    from transformers import HfArgumentParser
+
+    from tlora.evaluation.common import ModelArguments
+
+    (arguments,) = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(
+        ["--model", "run", "--serve_adapter", "--max_lora_rank", "64"]
+    )
+    options = arguments.backend_options()
+    assert (options["serve_adapter"], options["max_lora_rank"]) == (True, 64)
+    (default,) = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(["--model", "run"])
+    assert "serve_adapter" not in default.backend_options() and "max_lora_rank" not in default.backend_options()

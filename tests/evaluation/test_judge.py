@@ -410,3 +410,27 @@ def test_the_default_model_id_of_a_merged_copy_names_its_run(tmp_path):
     assert default_model_id(str(tmp_path / "chat-tlora" / "merged")) == "chat-tlora/merged"
     assert default_model_id(str(tmp_path / "chat-tlora")) == "chat-tlora"
     assert default_model_id("meta-llama/Llama-2-7b-hf") == "Llama-2-7b-hf"
+
+
+def test_an_answer_file_with_a_repeated_or_unknown_question_is_refused_before_judging(
+    mt_bench, tmp_path, repo_root, monkeypatch
+):
+    # A repeated question id used to be overwritten by its later line, silently; an unknown one was ignored.
+    questions = load_questions(mt_bench["questions"])
+    rows = generate_answers(questions, CallableBackend(answer_text), model_id="stand-in")
+    answer_file = tmp_path / "answers.jsonl"
+    cases = (
+        (
+            rows + [dict(rows[3])],
+            rf"answers.jsonl, line 81 \(row 80\): question_id {rows[3]['question_id']} appears "
+            r"twice \(first at .*answers.jsonl, line 4 \(row 3\)\)",
+        ),
+        (rows + [{**rows[0], "question_id": 999}], r"line 81 \(row 80\): question_id 999 is outside .*question.jsonl"),
+        ([], r"answers.jsonl holds no predictions \(an empty file\)"),
+    )
+    for answers, message in cases:
+        answer_file.write_text("".join(json.dumps(row) + "\n" for row in answers))
+        with StandInJudge() as judge:
+            with pytest.raises(ValueError, match=message):
+                run_judge_script(repo_root, monkeypatch, judge, mt_bench, answer_file, "--output", str(tmp_path / "o"))
+        assert judge.requests == []

@@ -63,6 +63,22 @@ def test_adapter_with_an_absent_base_model_asks_for_base_model(tmp_path, tiny_ad
     assert resolve_model(str(adapter), base_model=str(tiny_model_dir)).base_model == str(tiny_model_dir)
 
 
+def test_adapter_folder_without_its_weights_is_a_clear_error(tmp_path, tiny_adapter_dir):
+    adapter = tmp_path / "half_saved"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(ModelResolutionError, match=rf"{adapter} holds adapter_config.json but no adapter weights "
+                       r"\(adapter_model.safetensors or adapter_model.bin\)"):
+        resolve_model(str(adapter))
+
+
+def test_a_missing_base_model_override_is_named(tmp_path, tiny_adapter_dir):
+    missing = tmp_path / "no_such_base"
+    with pytest.raises(ModelResolutionError, match=rf"--base_model {missing} is not a model folder on this machine"):
+        resolve_model(str(tiny_adapter_dir), base_model=str(missing))
+    assert resolve_model(str(tiny_adapter_dir), base_model="org/base").base_model == "org/base"
+
+
 def test_merged_directory_loads_with_identical_logits(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -201,3 +201,92 @@ def test_the_default_protocol_is_the_papers(repo_root, gsm8k_rows, tmp_path):
     assert result["protocol"] == "paper" and result["data"]["num_items"] == 1319 and not result["data"]["subset"]
     golds = [int(row["answer"].split("#### ")[1].replace(",", "")) for row in rows]
     assert result["num_correct"] == golds.count(18)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where `--protocol paper` used to differ from the authors' scoring, item by item
+
+
+def small_data(tmp_path, rows) -> str:
+    """A small data file (scored with allow_subset) and its path."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_paper_cuts_predictions_at_the_authors_stop_strings_as_vllm_did(tmp_path):
+    # vLLM cut the authors' generations at the earliest of their ten stop strings; a predictions file written
+    # elsewhere may run past one, and its text after the stop string never reached their scorer.
+    data = small_data(tmp_path, [{"question": "q", "answer": "#### 15"}, {"question": "q", "answer": "#### 7"}])
+    completions = [
+        "5 + 10 = 15.\nThe answer is: 15\nASSISTANT The answer is: 999",
+        "The answer is: 7 USER: and Question: The answer is: 8",  # the earliest stop string (USER:) cuts
+    ]
+    result = score(gsm8k.TASKS["paper"], data, completions, tmp_path, allow_subset=True)
+    assert [record["extracted"] for record in result["records"]] == [15, 7]
+    assert result["accuracy"] == 1.0
+    assert result["predictions_cut_at_stop_strings"] == {"stop": list(PAPER_STOP_STRINGS), "num_cut": 2}
+    assert result["records"][0]["completion"] == "5 + 10 = 15.\nThe answer is: 15\n"
+    # The robust protocol reads the completion as written (the last marker), as before.
+    robust = score(gsm8k.TASKS["robust"], data, completions, tmp_path, protocol="robust")
+    assert [record["extracted"] for record in robust["records"]] == ["999", "8"]
+    assert "predictions_cut_at_stop_strings" not in robust
+
+    data = small_data(tmp_path, [{"problem": "p", "solution": "So $\\boxed{5}$."}])
+    result = score(
+        math_answers.TASKS["paper"], data, ["The answer is: 5\nResponse: The answer is: 6"], tmp_path, allow_subset=True
+    )
+    assert result["records"][0]["extracted"] == "5" and result["accuracy"] == 1.0
+    assert result["predictions_cut_at_stop_strings"]["num_cut"] == 1
+
+
+def test_math_paper_removes_a_percent_sign_twice_like_the_authors_strip_string():
+    # Their `replace("\\%", "")` then `replace("\%", "")` is one string removed twice: `3\\\%%` -> `3\%` -> `3`.
+    written = "3\\\\\\%%"
+    assert len(written) == 6 and written.count("\\") == 3
+    assert math_paper.normalize(written) == "3"
+    assert math_paper.is_equivalent(written, "3") is True
+    assert math_paper.judge(f"The answer is: {written}", "3") == (written, True)
+    assert math_paper.normalize("50\\%") == "50"
+
+
+@pytest.mark.parametrize(
+    ("completion", "authors", "exact"),
+    [
+        # exactly N + 0.5: the PyPI package `fraction` parses each part through a float and divides in floats
+        ("The answer is: 8893491182460551/2", 4446745591230275, 4446745591230276),
+        ("The answer is: 1893112632741960069/2", 946556316370980224, 946556316370980096),
+    ],
+)
+def test_gsm8k_paper_reads_fractions_with_the_authors_fraction_package(completion, authors, exact):
+    from fractions import Fraction
+
+    import fraction as fraction_package
+
+    text = completion.split(": ")[1]
+    value = fraction_package.Fraction(text)
+    assert round(float(value.numerator / value.denominator)) == authors  # their code's arithmetic, by the package
+    assert round(Fraction(text)) != authors and round(float(Fraction(text))) == exact  # exact arithmetic differs
+    assert gsm8k.paper_extract_answer(completion) == authors
+    assert gsm8k.paper_judge(completion, authors) == (authors, True)
+    assert gsm8k.judge(completion, str(authors))[1] is False  # robust: exact rationals, unchanged
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        "5/00",  # `fraction` raises on the zero denominator (only `5/0` is special-cased by their script)
+        "-" + "9" * 400,  # float('-inf'): their check catches +inf only, then round() overflows
+        "9" * 400 + "/0",  # round(float(numerator)) overflows
+        "9" * 400 + "/3",  # the `fraction` package overflows
+    ],
+)
+def test_gsm8k_paper_scores_wrong_where_the_authors_script_stops_with_an_error(number, tmp_path, caplog):
+    completion = f"So.\nThe answer is: {number}"
+    with caplog.at_level("WARNING", logger="tlora.evaluation.gsm8k"):
+        assert gsm8k.paper_extract_answer(completion) is None
+    assert "stops with an error" in caplog.text
+    data = small_data(tmp_path, [{"question": "q", "answer": "#### 5"}, {"question": "q", "answer": "#### 2"}])
+    result = score(gsm8k.TASKS["paper"], data, [completion, "The answer is: 2"], tmp_path, allow_subset=True)
+    assert [(record["extracted"], record["correct"]) for record in result["records"]] == [(None, False), (2, True)]
+    assert result["accuracy"] == 0.5

@@ -110,3 +110,28 @@ def test_deepspeed_config_fills_its_auto_values_from_the_arguments():
         assert config["bf16"]["enabled"] is False
     finally:
         unset_hf_deepspeed_config()
+
+
+def test_a_per_device_batch_size_of_zero_is_refused_when_parsing():
+    for option in ("--per_device_train_batch_size", "--per_device_eval_batch_size"):
+        with pytest.raises(ValueError, match=f"{option} must be a positive number of examples, got 0"):
+            parse_training_arguments(load_task("math_train.py"), [option, "0"])
+
+
+def test_a_base_model_folder_that_does_not_exist_is_named(tmp_path):
+    missing = tmp_path / "no_such_model"
+    for option in ("--base_model", "--tokenizer"):
+        with pytest.raises(ValueError, match=f"{option} {missing}: no such folder on this machine, and it is not a "
+                           "Hugging Face hub id"):
+            parse_training_arguments(load_task("math_train.py"), [option, str(missing)])
+    (tmp_path / "weights.bin").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a model folder"):
+        parse_training_arguments(load_task("math_train.py"), ["--base_model", str(tmp_path / "weights.bin")])
+    assert parse_training_arguments(load_task("math_train.py"), ["--base_model", "org/model"])[0].base_model == "org/model"
+
+
+def test_overwrite_output_dir_is_a_flag_of_the_training_arguments():
+    assert "--overwrite_output_dir" in build_parser(load_task("math_train.py")).format_help()
+    training = parse_training_arguments(load_task("math_train.py"), ["--overwrite_output_dir"])[3]
+    assert training.overwrite_output_dir is True
+    assert parse_training_arguments(load_task("math_train.py"), [])[3].overwrite_output_dir is False

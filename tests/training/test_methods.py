@@ -210,3 +210,31 @@ def test_adalora_names_the_modules_it_pruned_to_rank_zero():
     pattern = {"layers.0.q_proj.lora_E": [False, False], "layers.0.v_proj.lora_E": [True, False]}
     assert pruned_modules(pattern) == ["layers.0.q_proj.lora_E"]
     assert pruned_modules(None) == [] and pruned_modules({}) == []
+
+
+def test_named_evaluation_splits_each_get_their_own_loss(tiny_model_dir, tmp_path):
+    """--eval_split NAME=FILE,NAME=FILE evaluates every file: `eval_NAME_loss` per file in the run record."""
+    from training_helpers import SAMPLE_MATH
+
+    rows = SAMPLE_MATH.read_text().splitlines()
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("\n".join(rows[:4]) + "\n")
+    second.write_text("\n".join(rows[4:10]) + "\n")
+    record = main(MATH, tiny_run_arguments(tiny_model_dir, tmp_path / "run", "lora",
+                                           "--eval_split", f"validation={first},test={second}"))
+    metrics = record["eval_metrics"]
+    assert {"eval_validation_loss", "eval_test_loss"} <= set(metrics)
+    assert metrics["eval_validation_loss"] > 0 and metrics["eval_test_loss"] > 0
+    assert metrics["eval_validation_loss"] != metrics["eval_test_loss"]  # two different files, two measurements
+
+
+def test_evaluation_splits_are_parsed_or_refused_clearly():
+    """One unnamed split stays one; NAME=SPLIT pairs become a dict; a malformed or repeated name is refused."""
+    from tlora.training.core import evaluation_splits
+
+    assert evaluation_splits(None) == {}
+    assert evaluation_splits("test") == {"": "test"}
+    assert evaluation_splits("val=a.jsonl, test=b.jsonl") == {"val": "a.jsonl", "test": "b.jsonl"}
+    for bad in ("val=a.jsonl,val=b.jsonl", "val=a.jsonl,=b.jsonl", "val=a.jsonl,test="):
+        with pytest.raises(ValueError, match="NAME=SPLIT_OR_FILE"):
+            evaluation_splits(bad)

@@ -11,7 +11,8 @@ from .allocation import BudgetError, ModulePlan, TLoRAPlan, allocate_ranks, allo
 from .calibration import compute_statistics
 from .calibration_statistics import TLoRAStatistics
 from .config import TLoRAConfig
-from .errors import CalibrationError, NonFiniteCalibrationError, StatisticsMismatchError
+from .errors import CalibrationError, DecompositionError, NonFiniteCalibrationError, StatisticsMismatchError
+from .export import AdapterExportError, VLLMCompatibilityError, check_vllm_compatible, export_for_vllm
 from .initialization import compute_lora_A, projector_distance, top_right_singular_vectors
 from .model import (
     PLAN_FILE_NAME,
@@ -27,8 +28,10 @@ from .targets import find_target_modules
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterExportError",
     "BudgetError",
     "CalibrationError",
+    "DecompositionError",
     "ModulePlan",
     "NonFiniteCalibrationError",
     "PLAN_FILE_NAME",
@@ -37,12 +40,15 @@ __all__ = [
     "TLoRAModel",
     "TLoRAPlan",
     "TLoRAStatistics",
+    "VLLMCompatibilityError",
     "allocate_ranks",
     "allocate_scales",
     "apply_plan",
+    "check_vllm_compatible",
     "compute_lora_A",
     "compute_statistics",
     "derive_plan",
+    "export_for_vllm",
     "find_target_modules",
     "format_plan_table",
     "get_tlora_model",

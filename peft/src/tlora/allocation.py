@@ -1,7 +1,8 @@
 """Step 2 of TLoRA: ranks and scales of all target modules under a fixed budget (pure functions on numbers).
 
 Ranks are proportional to sensitivity, `rho_l = R * S_l / sum_k S_k`, bounded by `min_rank <= r_l <= min(m_l, n_l)`
-(a capped module's excess goes to the others in proportion to S), and made integral by the largest-remainder
+and by an optional `max_rank` (e.g. vLLM's `max_lora_rank`; a capped module's excess goes to the others in
+proportion to S), and made integral by the largest-remainder
 method so that `sum_l r_l = R` exactly. Scales are `alpha_l = max(alpha, round(alpha * L * S_l / sum_k S_k))`, and a
 module's effective scaling is `alpha_l / r` with the nominal `r` (PEFT needs `alpha_pattern[l] = alpha_l * r_l / r`).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +59,7 @@ class TLoRAPlan:
     modules: list[ModulePlan]
     sensitivity_mode: str = "per_sample"
     num_samples: int = 0
+    max_rank: Optional[int] = None
     format_version: int = PLAN_FORMAT_VERSION
     extra: dict = field(default_factory=dict)
 
@@ -127,7 +130,9 @@ class TLoRAPlan:
         """Write the plan as JSON (the file name should contain 'plan', e.g. tlora_plan.json)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n")
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # then os.replace: never a half-written plan
+        temporary.write_text(self.to_json() + "\n")
+        os.replace(temporary, path)
         return path
 
     @classmethod
@@ -268,6 +273,33 @@ def allocate_scales(sensitivities: Sequence[float], lora_alpha: float) -> list[f
     return [max(lora_alpha, _round_half_up(lora_alpha * count * s / total)) for s in sensitivities]
 
 
+def check_max_rank(max_rank: Optional[int], min_rank: int = 0) -> None:
+    """Refuse a `max_rank` that is not a positive integer or lies below `min_rank`."""
+    if max_rank is None:
+        return
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0:
+        raise ValueError(f"max_rank must be a positive integer (or None for no cap), got {max_rank!r}")
+    if max_rank < min_rank:
+        raise ValueError(f"max_rank={max_rank} is below min_rank={min_rank}; no rank can satisfy both")
+
+
+def check_parameter_budget(
+    parameter_budget: Optional[int], shapes: Sequence[tuple[str, int, int]], freeze_lora_A: bool = True
+) -> None:
+    """Raise `BudgetError` unless `parameter_budget` pays for at least one rank-1 adapter on one of the modules
+    `shapes` (name, out_features, in_features); nothing to check without a parameter budget."""
+    costs = [(out + (0 if freeze_lora_A else n_in), name) for name, out, n_in in shapes if min(out, n_in) > 0]
+    if parameter_budget is None or not costs:
+        return
+    cheapest, name = min(costs)
+    if parameter_budget < cheapest:
+        per_rank = "out_features" if freeze_lora_A else "out_features + in_features"
+        raise BudgetError(
+            f"parameter budget {parameter_budget} is too small for even one rank-1 adapter: the cheapest, on {name}, "
+            f"costs {cheapest} parameters ({per_rank}); give parameter_budget >= {cheapest}"
+        )
+
+
 @dataclass
 class ModuleInfo:
     """What allocation needs to know of one target module."""
@@ -291,6 +323,7 @@ def derive_plan(
     freeze_lora_A: bool = True,
     sensitivity_mode: str = "per_sample",
     num_samples: int = 0,
+    max_rank: Optional[int] = None,
 ) -> TLoRAPlan:
     """Allocate ranks and scales to `modules` (in a fixed order) and return the plan."""
     modules = list(modules)
@@ -298,19 +331,28 @@ def derive_plan(
         raise BudgetError("there are no target modules to allocate a budget to")
     if rank_budget is not None and parameter_budget is not None:
         raise ValueError("give either rank_budget or parameter_budget, not both")
+    check_max_rank(max_rank, min_rank)
     sensitivities = [float(m.sensitivity) for m in modules]
     for module, value in zip(modules, sensitivities):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"sensitivity of {module.name} is {value}; it must be finite and >= 0")
-    capacities = [min(m.out_features, m.in_features) for m in modules]
+    capacities = [min(m.out_features, m.in_features, max_rank or m.out_features) for m in modules]
     per_rank_cost = [m.out_features + (0 if freeze_lora_A else m.in_features) for m in modules]
     if parameter_budget is not None:
+        shapes = [(m.name, m.out_features, m.in_features) for m in modules]
+        check_parameter_budget(parameter_budget, shapes, freeze_lora_A)
         budget_type, budget = "parameters", int(parameter_budget)
         needed = sum(min(min_rank, cap) * cost for cap, cost in zip(capacities, per_rank_cost))
         if budget < needed:
             raise BudgetError(
                 f"parameter budget {budget} is smaller than the {needed} parameters that min_rank={min_rank} needs "
                 f"on {len(modules)} target modules"
+            )
+        most = sum(cap * cost for cap, cost in zip(capacities, per_rank_cost))
+        if max_rank is not None and budget > most:
+            raise BudgetError(
+                f"parameter budget {budget} exceeds the {most} parameters that ranks capped at max_rank={max_rank} "
+                f"hold on {len(modules)} target modules; lower the budget or raise max_rank"
             )
         ranks = allocate_ranks(sensitivities, capacities, budget, min_rank, costs=per_rank_cost)
     else:
@@ -321,13 +363,24 @@ def derive_plan(
                 f"rank budget {budget} is smaller than min_rank={min_rank} x {len(modules)} target modules "
                 f"= {min_rank * len(modules)}; lower min_rank or raise the budget"
             )
+        if max_rank is not None and budget > max_rank * len(modules):
+            raise BudgetError(
+                f"rank budget {budget} exceeds max_rank={max_rank} x {len(modules)} target modules = "
+                f"{max_rank * len(modules)}; lower r or rank_budget, or raise max_rank"
+            )
         if budget > sum(capacities):
             raise BudgetError(
-                f"rank budget {budget} exceeds the total capacity {sum(capacities)} (sum of min(out, in) over the "
+                f"rank budget {budget} exceeds the total capacity {sum(capacities)} (sum of min(out, in"
+                f"{', max_rank' if max_rank else ''}) over the "
                 f"{len(modules)} target modules); lower r or pass rank_budget"
             )
         ranks = allocate_ranks(sensitivities, capacities, budget, min_rank)
 
+    if sum(ranks) == 0:
+        raise BudgetError(
+            f"the {budget_type} budget {budget} gives every target module rank 0 (the modules it could pay for have "
+            "zero sensitivity); raise the budget"
+        )
     alphas = allocate_scales(sensitivities, lora_alpha) if allocate_scales_ else [lora_alpha] * len(modules)
     norm = math.sqrt if use_rslora else float
     total_rank = sum(ranks)
@@ -365,4 +418,5 @@ def derive_plan(
         modules=entries,
         sensitivity_mode=sensitivity_mode,
         num_samples=num_samples,
+        max_rank=max_rank,
     )

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .batch_checks import BatchRules, validate_batch
 from .calibration_statistics import ModuleStatistics, TLoRAStatistics
 from .config import TLoRAConfig
 from .errors import CalibrationError, NonFiniteCalibrationError
@@ -57,12 +58,14 @@ def compute_statistics(
     config = config or TLoRAConfig()
     targets = targets if targets is not None else find_target_modules(model, config)
     check_readable_weights(targets)
+    check_same_base_weights(targets)
     sums = StatisticSums(getattr(torch, config.statistics_dtype), resolve_statistics_device(config))
     run = _PassRun(_model_input_device(model), _forward_keys(model), *_shard(shard_batches))
     run.loss_scale = initial_loss_scale(model)
+    run.rules = BatchRules.for_model(model, config.task_type)
     failure = None
     try:
-        first, batches = _first_batch(calibration_data)
+        first, batches = _first_batch(calibration_data, run.rules)
         with _frozen(model), differentiable_quantized_layers((t.module, t.storage) for t in targets):
             layout = probe_layout(model, targets, _prepare_inputs(first, run.device, run.keys))
             hooks = CalibrationHooks(targets, layout, sums, config.sensitivity)
@@ -99,6 +102,27 @@ class _PassRun:
     sample_by_sample: bool = False  # no split applies: one pass per sample
     skipped: list = field(default_factory=list)  # samples without a label token
     loss_scale: float = 1.0  # the differentiated losses are multiplied by it (float16 models; see _unscale)
+    rules: BatchRules = field(default_factory=BatchRules)  # what every batch is checked against
+
+
+def check_same_base_weights(targets: list[TargetModule]) -> None:
+    """Under `torch.distributed`, raise `CalibrationError` on every rank unless all ranks hold the same target weights
+    (compared through their fingerprints), naming the ranks and modules that differ."""
+    if not distributed.is_distributed():
+        return
+    fingerprints = distributed.run_agreed(lambda: {target.name: target.fingerprint() for target in targets})
+    differences = distributed.differences_from_rank_0(fingerprints)
+    if not differences:
+        return
+    described = "; ".join(
+        f"rank {rank} holds other weights than rank 0 for {', '.join(names[:5])}"
+        f"{f' and {len(names) - 5} more' if len(names) > 5 else ''} ({len(names)} of {len(targets)} target modules)"
+        for rank, names in differences.items()
+    )
+    raise CalibrationError(
+        f"the base weights differ between ranks: {described}. Every rank must load the same base model: check the "
+        "checkpoint path, revision, dtype and quantisation on every node, and change no weight before TLoRA calibrates"
+    )
 
 
 def resolve_statistics_device(config: TLoRAConfig) -> Optional[torch.device]:
@@ -117,13 +141,15 @@ def _length(calibration_data: Iterable) -> Optional[int]:
     return len(calibration_data) if hasattr(calibration_data, "__len__") else None
 
 
-def _first_batch(calibration_data: Iterable[Mapping[str, Any]]) -> tuple[Mapping[str, Any], Iterator]:
+def _first_batch(
+    calibration_data: Iterable[Mapping[str, Any]], rules: BatchRules
+) -> tuple[Mapping[str, Any], Iterator]:
     """The validated first batch, and an iterator over all batches (the first included)."""
     iterator = iter(calibration_data)
     first = next(iterator, None)
     if first is None:
         raise CalibrationError("calibration_data yielded no batches; TLoRA needs a few hundred training samples")
-    _validate_batch(first, 0)
+    validate_batch(first, 0, rules)
     return first, itertools.chain([first], iterator)
 
 
@@ -176,48 +202,6 @@ def _forward_keys(model: nn.Module) -> Optional[set]:
     parameters = inspect.signature(model.forward).parameters
     named = {n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return named or None
-
-
-def _validate_batch(batch: Any, index: int) -> None:
-    """Raise `CalibrationError` unless `batch` is a dict with input_ids (batch, sequence) and labels."""
-    if not isinstance(batch, Mapping):
-        raise CalibrationError(
-            f"calibration batch {index} is a {type(batch).__name__}; TLoRA needs dicts of tensors with "
-            "input_ids, attention_mask and labels (e.g. from a DataLoader with a padding collator)"
-        )
-    if "input_ids" not in batch or not torch.is_tensor(batch["input_ids"]):
-        raise CalibrationError(f"calibration batch {index} has no input_ids tensor (keys: {sorted(batch)})")
-    if "labels" not in batch or batch["labels"] is None:
-        raise CalibrationError(
-            f"calibration batch {index} has no 'labels' (keys: {sorted(batch)}); TLoRA's sensitivity needs a "
-            "loss: give token labels (causal LM) or one label per sample (classification)"
-        )
-    if batch["input_ids"].dim() != 2:
-        raise CalibrationError(
-            f"calibration batch {index}: input_ids must be (batch, sequence), got {tuple(batch['input_ids'].shape)}"
-        )
-    _reject_packed(batch, index)
-
-
-def _reject_packed(batch: Mapping[str, Any], index: int) -> None:
-    """Raise `CalibrationError` if a row holds several packed sequences (its position_ids restart inside the row's
-    valid positions); TLoRA centres and differentiates per sample, so a packed row would silently count as one."""
-    positions = batch.get("position_ids")
-    if not torch.is_tensor(positions) or positions.dim() != 2 or positions.shape[1] < 2:
-        return
-    positions = positions.to("cpu", torch.int64).expand(batch["input_ids"].shape)
-    mask = batch.get("attention_mask")
-    valid = mask.to("cpu").bool() if torch.is_tensor(mask) else torch.ones_like(positions, dtype=torch.bool)
-    for row in range(positions.shape[0]):
-        values = positions[row][valid[row]]
-        restarts = (values[1:] <= values[:-1]).nonzero().flatten()
-        if restarts.numel():
-            raise CalibrationError(
-                f"calibration batch {index}, row {row} packs several sequences (its position_ids restart after "
-                f"valid token {int(restarts[0]) + 1}); TLoRA centres inputs and takes the sensitivity per sample, so "
-                "a packed row would count as one sample. Calibrate on unpacked rows: one sample per row, padded, "
-                "with an attention_mask (e.g. DataCollatorForSeq2Seq, not DataCollatorWithFlattening or packing)"
-            )
 
 
 def _prepare_inputs(batch: Mapping[str, Any], device: torch.device, keys: Optional[set]) -> dict:
@@ -368,7 +352,7 @@ def _calibrate_batch(
     config: TLoRAConfig,
 ) -> None:
     """Accumulate one batch into the sums (or only count its samples when it belongs to another rank)."""
-    _validate_batch(batch, batch_index)
+    validate_batch(batch, batch_index, run.rules)
     batch_size = _batch_size(batch)
     if batch_index % run.world_size != run.rank:
         run.sample_offset += batch_size

@@ -4,22 +4,82 @@ loaded from safetensors, and checked against the model they are applied to."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import StatisticsMismatchError
 from .targets import TargetModule
 
+logger = logging.getLogger(__name__)
+
 STATISTICS_FORMAT = "tlora-statistics"
-STATISTICS_VERSION = 1
+STATISTICS_VERSION = 2  # 2: the header records a SHA-256 digest of the tensors ("tensors_sha256")
 CALIBRATION_PREFIX = "calibration."  # safetensors header keys that record the calibration rows, seed and cut-off
+TENSORS_DIGEST_KEY = "tensors_sha256"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in the order of the sorted names."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().contiguous().cpu()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def _unreadable(path: Path, error: BaseException) -> StatisticsMismatchError:
+    """The error for a statistics file that cannot be read (truncated, not safetensors, malformed header)."""
+    return StatisticsMismatchError(
+        f"the statistics file {path} cannot be read ({type(error).__name__}: {error}); it is truncated, damaged or "
+        "not a TLoRA statistics file: delete it to recalibrate"
+    )
+
+
+def _read_tensors(path: Path, require_digest: bool) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The header metadata and the tensors of a statistics file, on the CPU, with the format and digest checked."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != STATISTICS_FORMAT:
+                raise StatisticsMismatchError(f"{path} is not a TLoRA statistics file")
+            if int(metadata.get("version", "0")) > STATISTICS_VERSION:
+                raise StatisticsMismatchError(f"{path} was written by a newer tlora (format {metadata['version']})")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except StatisticsMismatchError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise _unreadable(path, error) from error
+    _check_digest(metadata, tensors, path, require_digest)
+    return metadata, tensors
+
+
+def _check_digest(metadata: dict[str, str], tensors: dict[str, torch.Tensor], path: Path, required: bool) -> None:
+    """Raise `StatisticsMismatchError` if the tensors differ from the digest in the header (which a file of format
+    version 2 or later, or any file when `required`, must have)."""
+    recorded = metadata.get(TENSORS_DIGEST_KEY)
+    if recorded is None:
+        if required or int(metadata.get("version", "0")) >= 2:
+            raise StatisticsMismatchError(
+                f"the statistics file {path} has no digest of its tensors in its header (written by an older tlora, "
+                "or damaged), so they cannot be checked; delete it to recalibrate"
+            )
+        logger.warning("%s was written by an older tlora and has no digest of its tensors; they are not checked.", path)
+        return
+    if tensors_digest(tensors) != recorded:
+        raise StatisticsMismatchError(
+            f"the tensors of the statistics file {path} do not match the SHA-256 digest in its header (the file was "
+            "changed or damaged after it was written); delete it to recalibrate"
+        )
 
 
 @dataclass
@@ -119,6 +179,7 @@ class TLoRAStatistics:
             "format": STATISTICS_FORMAT,
             "version": str(STATISTICS_VERSION),
             "statistics": json.dumps(self._metadata()),
+            TENSORS_DIGEST_KEY: tensors_digest(tensors),
         }
         metadata.update({CALIBRATION_PREFIX + key: str(value) for key, value in self.calibration.items()})
         temporary = path.with_name(path.name + ".tmp")
@@ -127,31 +188,36 @@ class TLoRAStatistics:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "TLoRAStatistics":
-        """Read statistics written by `save`."""
+    def load(
+        cls, path: str | Path, device: str | torch.device = "cpu", require_digest: bool = False
+    ) -> "TLoRAStatistics":
+        """Read statistics written by `save` (`StatisticsMismatchError` for a damaged or unreadable file, or with
+        `require_digest` for one without a digest of its tensors)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no statistics file at {path}")
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != STATISTICS_FORMAT:
-                raise StatisticsMismatchError(f"{path} is not a TLoRA statistics file")
-            if int(metadata.get("version", "0")) > STATISTICS_VERSION:
-                raise StatisticsMismatchError(f"{path} was written by a newer tlora (format {metadata['version']})")
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        description = json.loads(metadata["statistics"])
+        metadata, tensors = _read_tensors(path, require_digest)
+        tensors = {key: value.to(device) for key, value in tensors.items()}
+        try:
+            description = json.loads(metadata["statistics"])
+            modules = [ModuleStatistics(**record) for record in description["modules"]]
+            counts = [description[key] for key in ("num_samples", "num_tokens", "num_sensitivity_samples")]
+            mode, dtype = description["sensitivity_mode"], description["dtype"]
+            extra = description.get("extra", {})
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise _unreadable(path, error) from error
         covariances = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("covariance::")}
         cross = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("cross::")}
         return cls(
-            modules=[ModuleStatistics(**record) for record in description["modules"]],
+            modules=modules,
             covariances=covariances,
             cross_covariances=cross,
-            num_samples=description["num_samples"],
-            num_tokens=description["num_tokens"],
-            num_sensitivity_samples=description["num_sensitivity_samples"],
-            sensitivity_mode=description["sensitivity_mode"],
-            dtype=description["dtype"],
-            extra=description.get("extra", {}),
+            num_samples=counts[0],
+            num_tokens=counts[1],
+            num_sensitivity_samples=counts[2],
+            sensitivity_mode=mode,
+            dtype=dtype,
+            extra=extra,
             calibration={k[len(CALIBRATION_PREFIX) :]: v for k, v in metadata.items() if k.startswith(CALIBRATION_PREFIX)},
         )
 

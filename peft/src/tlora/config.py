@@ -10,6 +10,8 @@ from typing import Literal, Optional
 
 from peft import LoraConfig
 
+from .allocation import BudgetError, check_max_rank
+
 SENSITIVITY_MODES = ("per_sample", "batch")
 SVD_METHODS = ("gram", "exact", "randomized")
 STATISTICS_DTYPES = ("float32", "float64")
@@ -60,6 +62,13 @@ class TLoRAConfig(LoraConfig):
         },
     )
     min_rank: int = field(default=0, metadata={"help": "Smallest rank a target module may receive (0: may be dropped)."})
+    max_rank: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Largest rank a target module may receive (the excess goes to the others in proportion to their "
+            "sensitivity), e.g. vLLM's max_lora_rank to serve the adapter unmerged. Default: min(out, in) only."
+        },
+    )
     allocate_scales: bool = field(
         default=True,
         metadata={
@@ -102,8 +111,21 @@ class TLoRAConfig(LoraConfig):
             raise ValueError(f"parameter_budget must be positive, got {self.parameter_budget}.")
         if self.min_rank < 0:
             raise ValueError(f"min_rank must be >= 0, got {self.min_rank}.")
+        check_max_rank(self.max_rank, self.min_rank)
+        if self.max_rank is not None and self.rank_budget is None and self.parameter_budget is None:
+            if self.r > self.max_rank:
+                raise BudgetError(
+                    f"the default rank budget r x modules cannot fit under max_rank={self.max_rank} x modules with "
+                    f"r={self.r}; lower r to at most {self.max_rank}, pass a rank_budget or raise max_rank."
+                )
         if self.r <= 0:
             raise ValueError(f"r must be positive, got {self.r}.")
+        if not self.lora_alpha > 0:
+            raise ValueError(
+                f"lora_alpha must be positive, got {self.lora_alpha}: an adapter's scaling is lora_alpha / r "
+                "(/ sqrt(r) with use_rslora), so 0 switches the adapters off and a negative value flips their sign; "
+                "use e.g. lora_alpha = r or 2 r."
+            )
         if self.sensitivity not in SENSITIVITY_MODES:
             raise ValueError(f"sensitivity must be one of {SENSITIVITY_MODES}, got {self.sensitivity!r}.")
         if self.svd_method not in SVD_METHODS:

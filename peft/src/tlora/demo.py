@@ -166,6 +166,7 @@ def train_tlora(base_dir: Path, train_path: Path, run_dir: Path, settings: DemoS
             "--logging_steps", str(max(1, settings.steps // 6)),
             "--save_strategy", "no", "--report_to", "none", "--seed", str(seed),
             "--output_dir", str(run_dir),
+            "--overwrite_output_dir",  # the demo's own folder: running the demo again replaces its run
         ],
     )
 

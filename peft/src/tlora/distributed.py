@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from .errors import CalibrationError, NonFiniteCalibrationError, StatisticsMismatchError
+from .errors import CalibrationError, DecompositionError, NonFiniteCalibrationError, StatisticsMismatchError
 
 # Errors that keep their class when another rank's failure is raised on this rank; any other becomes a RuntimeError.
 _SHARED_ERRORS = {
     cls.__name__: cls
-    for cls in (CalibrationError, NonFiniteCalibrationError, StatisticsMismatchError, FileNotFoundError, ValueError)
+    for cls in (
+        CalibrationError, DecompositionError, NonFiniteCalibrationError, StatisticsMismatchError, FileNotFoundError,
+        ValueError,
+    )
 }
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -82,16 +88,54 @@ def broadcast_json(obj: Any, src: int = 0) -> Any:
     return json.loads(bytes(buffer.cpu().tolist()).decode())
 
 
-def check_identical_across_ranks(payload: bytes, what: str) -> None:
-    """Raise if `payload` differs between ranks (compared through a SHA-256 digest)."""
-    if not is_distributed():
-        return
+def _identical_everywhere(payload: bytes) -> bool:
+    """True when `payload` has the same SHA-256 digest on every rank (two all-reduces)."""
     digest = torch.tensor(list(hashlib.sha256(payload).digest()), dtype=torch.int64, device=communication_device())
     low, high = digest.clone(), digest.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low, high):
+    return torch.equal(low, high)
+
+
+def check_identical_across_ranks(payload: bytes, what: str) -> None:
+    """Raise if `payload` differs between ranks (compared through a SHA-256 digest)."""
+    if not is_distributed():
+        return
+    if not _identical_everywhere(payload):
         raise RuntimeError(f"ranks disagree on {what}; every rank must derive the identical TLoRA plan and A")
+
+
+def differences_from_rank_0(entries: Mapping[str, str]) -> dict[int, list[str]]:
+    """For each rank whose `entries` (name -> digest) differ from rank 0's, the names that differ (missing on either
+    side included); the same answer on every rank, {} when all agree or without a process group.
+
+    One digest comparison when the ranks agree; only when they do not, every rank's entries are broadcast as JSON.
+    """
+    if not is_distributed():
+        return {}
+    entries = {str(name): str(value) for name, value in entries.items()}
+    if _identical_everywhere(json.dumps(sorted(entries.items())).encode()):
+        return {}
+    tables = [broadcast_json(entries, src=source) for source in range(dist.get_world_size())]
+    differences = {}
+    for source, table in enumerate(tables[1:], start=1):
+        names = list(tables[0]) + [name for name in table if name not in tables[0]]
+        changed = [name for name in names if table.get(name) != tables[0].get(name)]
+        if changed:
+            differences[source] = changed
+    return differences
+
+
+def run_agreed(function: Callable[[], T]) -> T:
+    """`function()` on every rank; if it raises on any rank, every rank raises that error (see
+    `raise_if_any_rank_failed`) instead of going on to a collective that the failed rank never reaches."""
+    result, failure = None, None
+    try:
+        result = function()
+    except Exception as error:  # agreed on below
+        failure = error
+    raise_if_any_rank_failed(failure)
+    return result
 
 
 def raise_if_any_rank_failed(error: Optional[BaseException]) -> None:

@@ -13,3 +13,7 @@ class NonFiniteCalibrationError(FloatingPointError):
 
 class StatisticsMismatchError(ValueError):
     """Saved statistics do not belong to this model or these target modules."""
+
+
+class DecompositionError(RuntimeError):
+    """The decomposition of W C failed for a module; the message names the module (and the rank that computed it)."""

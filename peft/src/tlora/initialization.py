@@ -11,6 +11,7 @@ import torch
 from . import distributed
 from .allocation import TLoRAPlan
 from .calibration_statistics import TLoRAStatistics
+from .errors import DecompositionError
 from .targets import TargetModule, check_readable_weights
 
 logger = logging.getLogger(__name__)
@@ -116,36 +117,64 @@ def compute_lora_A(
     """A for every adapted module (float32, on the CPU), identical on every rank.
 
     Under `torch.distributed` the decompositions are shared out (module i on rank i mod world size) and each A is
-    broadcast from the rank that computed it.
+    broadcast from the rank that computed it. The ranks first agree whether every share succeeded: a failure on one
+    rank is raised on every rank, naming that rank and the module, before any broadcast.
     """
     rank, world_size = distributed.rank_and_world_size()
+    adapted = [entry for entry in plan.modules if entry.rank > 0]
+    owned = [entry for index, entry in enumerate(adapted) if index % world_size == rank]
+    options = {"method": method, "oversampling": oversampling, "niter": niter}
+    share = distributed.run_agreed(
+        lambda: _decompose_share(targets, statistics, adapted, owned, options, show_progress and rank == 0)
+    )
+    in_features = {target.name: target.in_features for target in targets}
+    # The other ranks' A arrive by broadcast into buffers of the same shape and dtype.
+    lora_A = {
+        entry.name: share[entry.name]
+        if entry.name in share
+        else torch.empty(entry.rank, in_features[entry.name], dtype=torch.float32)
+        for entry in adapted
+    }
+    if world_size > 1:
+        for index, entry in enumerate(adapted):
+            distributed.broadcast_(lora_A[entry.name], src=index % world_size)
+    return lora_A
+
+
+def _decompose_share(
+    targets: list[TargetModule],
+    statistics: TLoRAStatistics,
+    adapted: list,
+    owned: list,
+    options: dict,
+    show_progress: bool,
+) -> dict[str, torch.Tensor]:
+    """A for the `owned` entries of the plan (this rank's share of the `adapted` ones), float32 on the CPU."""
     check_readable_weights(targets)
     by_name = {t.name: t for t in targets}
-    adapted = [entry for entry in plan.modules if entry.rank > 0]
     missing = [entry.name for entry in adapted if entry.name not in by_name]
     if missing:
         raise ValueError(f"the plan names modules that are not targets of this model: {missing[:5]}")
-    owned = [entry for index, entry in enumerate(adapted) if index % world_size == rank]
 
     def decompose(entry) -> tuple[torch.Tensor, bool]:
-        target = by_name[entry.name]
-        record = statistics.module(entry.name)
-        stored = statistics.covariances.get(record.covariance_key, statistics.cross_covariances.get(entry.name))
-        device = stored.device if stored is not None else target.module.weight.device
-        dtype = stored.dtype if stored is not None else torch.float32
-        # M = W C in the statistics' own precision (float32 by default); the decomposition itself runs in float64.
-        product = statistics.weighted_covariance(entry.name, target.weight_matrix(dtype).to(device))
-        top, singular = _top_right_singular(product, entry.rank, method, oversampling=oversampling, niter=niter)
-        deficient = entry.rank > 1 and bool(singular[-1] <= 1e-10 * singular[0])
-        return top.to(device="cpu", dtype=torch.float32).contiguous(), deficient
+        try:
+            return _decompose(by_name[entry.name], statistics, entry.rank, options)
+        except Exception as error:
+            kind = type(error).__name__.lstrip("_")  # torch.linalg.LinAlgError is torch._C._LinAlgError
+            raise DecompositionError(
+                f"decomposing W C of {entry.name} (its top {entry.rank} directions, svd_method="
+                f"{options['method']!r}) failed: {kind}: {error}. If it ran out of memory, keep the statistics on "
+                "the CPU (statistics_device='cpu'); if the solver did not converge, try svd_method='exact'"
+            ) from error
 
     progress = None
-    if show_progress and rank == 0 and len(owned) > 8:
+    if show_progress and len(owned) > 8:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=len(owned), desc="TLoRA decompositions", unit="module")
+    stored = (*statistics.covariances.values(), *statistics.cross_covariances.values())
+    on_cpu = all(tensor.device.type == "cpu" for tensor in stored)
     results = {}
-    on_cpu = all(t.device.type == "cpu" for t in (*statistics.covariances.values(), *statistics.cross_covariances.values()))
     for entry, result in zip(owned, _map_decompositions(decompose, owned, progress, parallel=on_cpu)):
         results[entry.name] = result
     if progress is not None:
@@ -158,16 +187,20 @@ def compute_lora_A(
             len(deficient),
             deficient[:5],
         )
-    lora_A: dict[str, torch.Tensor] = {}
-    for entry in adapted:
-        if entry.name in results:
-            lora_A[entry.name] = results[entry.name][0]
-        else:
-            lora_A[entry.name] = torch.empty(entry.rank, by_name[entry.name].in_features, dtype=torch.float32)
-    if world_size > 1:
-        for index, entry in enumerate(adapted):
-            distributed.broadcast_(lora_A[entry.name], src=index % world_size)
-    return lora_A
+    return {name: top for name, (top, _) in results.items()}
+
+
+def _decompose(target: TargetModule, statistics: TLoRAStatistics, k: int, options: dict) -> tuple[torch.Tensor, bool]:
+    """(The top-k right singular vectors of M = W C as float32 rows on the CPU, whether M has fewer than k)."""
+    record = statistics.module(target.name)
+    stored = statistics.covariances.get(record.covariance_key, statistics.cross_covariances.get(target.name))
+    device = stored.device if stored is not None else target.module.weight.device
+    dtype = stored.dtype if stored is not None else torch.float32
+    # M = W C in the statistics' own precision (float32 by default); the decomposition itself runs in float64.
+    product = statistics.weighted_covariance(target.name, target.weight_matrix(dtype).to(device))
+    top, singular = _top_right_singular(product, k, **options)
+    deficient = k > 1 and bool(singular[-1] <= 1e-10 * singular[0])
+    return top.to(device="cpu", dtype=torch.float32).contiguous(), deficient
 
 
 def _map_decompositions(function, entries: list, progress, parallel: bool) -> list:

@@ -9,26 +9,31 @@ saving, loading, merging and DeepSpeed behave as for any LoRA adapter.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer, LoraModel
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
 
 from . import distributed
-from .allocation import ModuleInfo, TLoRAPlan, derive_plan
-from .calibration import compute_statistics, resolve_statistics_device
+from .allocation import ModuleInfo, TLoRAPlan, check_parameter_budget, derive_plan
+from .calibration import check_same_base_weights, compute_statistics, resolve_statistics_device
 from .calibration_statistics import TLoRAStatistics
 from .config import TLoRAConfig
-from .constants import PLAN_FILE
+from .constants import ADAPTER_MANIFEST_FILE, PLAN_FILE, TLORA_INIT_FILE
 from .devices import place_statistics
 from .errors import CalibrationError, StatisticsMismatchError
 from .initialization import compute_lora_A, digest_lora_A
+from .outputs import AdapterFolderError, check_manifest
 from .statistics_cache import cached_statistics
-from .targets import check_readable_weights, find_target_modules
+from .targets import check_readable_weights, find_target_modules, weight_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ def plan_from_statistics(statistics: TLoRAStatistics, config: TLoRAConfig) -> TL
         rank_budget=config.rank_budget,
         parameter_budget=config.parameter_budget,
         min_rank=config.min_rank,
+        max_rank=config.max_rank,
         allocate_scales_=config.allocate_scales,
         use_rslora=config.use_rslora,
         freeze_lora_A=config.freeze_lora_A,
@@ -191,8 +197,12 @@ def get_tlora_model(
         raise TypeError(f"config must be a TLoRAConfig, got {type(config).__name__}")
     targets = find_target_modules(model, config)
     check_readable_weights(targets)
+    shapes = [(t.name, t.out_features, t.in_features) for t in targets]
+    check_parameter_budget(config.parameter_budget, shapes, config.freeze_lora_A)  # before the calibration pass
+    if statistics is not None or statistics_cache is not None:
+        check_same_base_weights(targets)  # a calibration pass checks them itself
     if statistics is not None:
-        statistics.check_matches(targets)
+        distributed.run_agreed(lambda: statistics.check_matches(targets))
     elif statistics_cache is not None:
         statistics = cached_statistics(
             model, calibration_data, config, targets, statistics_cache, seed=calibration_seed,
@@ -222,6 +232,92 @@ def get_tlora_model(
     )
 
 
+def modules_fingerprint(model: torch.nn.Module, names: Sequence[str]) -> str:
+    """A digest of the weights of the named modules of `model`, in the model's module order (names and weights)."""
+    wanted = set(names)
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        if name in wanted:
+            digest.update(name.encode())
+            digest.update(weight_fingerprint(module.weight).encode())
+    return digest.hexdigest()
+
+
+def _require_plan(adapter_path: Path) -> TLoRAPlan:
+    """The plan beside an adapter, or an error that says how to load the folder as plain LoRA."""
+    plan_path = adapter_path / PLAN_FILE_NAME
+    if not plan_path.is_file():
+        raise AdapterFolderError(
+            f"{adapter_path} has no {PLAN_FILE_NAME}, so it is not a TLoRA adapter folder (or its plan was lost): "
+            "without the plan A cannot be kept frozen. Load it as plain LoRA with "
+            f"peft.PeftModel.from_pretrained(model, {str(adapter_path)!r}), or copy the training run's "
+            f"{PLAN_FILE_NAME} beside the adapter"
+        )
+    return TLoRAPlan.load(plan_path)
+
+
+def _check_ranks(adapter_path: Path, plan: TLoRAPlan) -> None:
+    """Raise when adapter_config.json gives a module another rank than the plan (or adapts other modules)."""
+    config_path = adapter_path / "adapter_config.json"
+    if not config_path.is_file():
+        raise AdapterFolderError(f"{adapter_path} has {PLAN_FILE_NAME} but no adapter_config.json: the adapter was not saved")
+    config = json.loads(config_path.read_text())
+    pattern = config.get("rank_pattern") or {}
+    for name in plan.target_modules():
+        key = get_pattern_key(pattern.keys(), name) if pattern else name
+        rank = pattern.get(key, config.get("r"))
+        if rank != plan.module(name).rank:
+            raise AdapterFolderError(
+                f"{config_path} gives {name} rank {rank}, but {PLAN_FILE_NAME} (and the saved A) has rank "
+                f"{plan.module(name).rank}; the configuration was edited, or the folder mixes files of two runs: restore "
+                "the adapter_config.json saved with these weights (or rerun the training)"
+            )
+
+
+def _recorded_fingerprint(adapter_path: Path, manifest: Optional[dict]) -> tuple[Optional[str], str, bool]:
+    """(fingerprint of the base weights recorded at training time, where, whether that base was quantized)."""
+    if manifest is not None and manifest.get("base_fingerprint"):
+        return manifest["base_fingerprint"], ADAPTER_MANIFEST_FILE, bool(manifest.get("base_quantized"))
+    init_path = adapter_path / TLORA_INIT_FILE
+    if init_path.is_file():
+        with safe_open(str(init_path), framework="pt", device="cpu") as handle:
+            recorded = (handle.metadata() or {}).get("base_fingerprint")
+        return recorded, TLORA_INIT_FILE, False
+    return None, "", False
+
+
+def _check_base_weights(model: torch.nn.Module, adapter_path: Path, plan: TLoRAPlan, manifest: Optional[dict]) -> None:
+    """Raise when the target weights of `model` differ from those the adapter was trained on (when recorded)."""
+    recorded, source, quantized = _recorded_fingerprint(adapter_path, manifest)
+    if recorded is None:
+        logger.info("%s records no fingerprint of its base weights; they are not checked.", adapter_path)
+        return
+    if quantized or getattr(model, "is_quantized", False):
+        logger.warning("The adapter or the base is quantized; the base weights' fingerprint is not compared.")
+        return
+    actual = modules_fingerprint(model, [module.name for module in plan.modules])
+    if actual != recorded:
+        raise AdapterFolderError(
+            f"the base model's target weights differ from those the adapter in {adapter_path} was trained on "
+            f"(fingerprint {actual[:16]} here, {recorded[:16]} in {source}): load the base model of the training run "
+            "(run_record.json names it), or pass check_base_weights=False if the difference is intended"
+        )
+
+
+def _check_manifest_method(adapter_path: Path, manifest: Optional[dict]) -> None:
+    """Raise when the folder's last complete save was not a TLoRA adapter (its plan is left from another run)."""
+    if manifest is not None and manifest.get("method") not in (None, "tlora"):
+        raise AdapterFolderError(
+            f"{adapter_path} holds a {manifest['method']} adapter ({ADAPTER_MANIFEST_FILE}); its {PLAN_FILE_NAME} is "
+            "left from an earlier run. Load it with peft.PeftModel.from_pretrained instead"
+        )
+    if manifest is not None and PLAN_FILE_NAME not in manifest.get("files", {}):
+        raise AdapterFolderError(
+            f"{adapter_path}: {PLAN_FILE_NAME} is not part of the save recorded in {ADAPTER_MANIFEST_FILE}; it is "
+            "left from another run"
+        )
+
+
 def load_tlora_model(
     model: torch.nn.Module,
     adapter_path: str | Path,
@@ -229,21 +325,29 @@ def load_tlora_model(
     adapter_name: str = "default",
     is_trainable: bool = False,
     freeze_lora_A: Optional[bool] = None,
+    check_base_weights: bool = True,
     **kwargs,
 ) -> PeftModel:
-    """Load a saved TLoRA (= LoRA) adapter with PEFT and, when training continues, keep A frozen.
+    """Load a saved TLoRA (= LoRA) adapter folder with PEFT and, when training continues, keep A frozen.
 
-    A is frozen when `freeze_lora_A` is True, or when it is None and the adapter folder holds a TLoRA plan
-    (`tlora_plan.json`) that says so.
+    The folder must hold its plan (`tlora_plan.json`); a folder whose files disagree with the manifest of the last
+    complete save (`tlora_adapter.json`), whose configuration gives a module another rank than the plan, or whose
+    recorded base-weight fingerprint differs from `model`'s target weights is refused. A is frozen when
+    `freeze_lora_A` is True, or when it is None and the plan says so.
     """
-    peft_model = PeftModel.from_pretrained(model, str(adapter_path), adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+    folder = Path(adapter_path)
+    if not folder.is_dir():
+        raise AdapterFolderError(f"{adapter_path} is not a folder; load_tlora_model reads a saved adapter folder")
+    plan = _require_plan(folder)
+    _check_ranks(folder, plan)  # before the manifest: an edited rank is named with its module
+    manifest = check_manifest(folder)
+    _check_manifest_method(folder, manifest)
+    if check_base_weights:
+        _check_base_weights(model, folder, plan, manifest)
+    peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
     tuner = TLoRAModel.adopt(peft_model.base_model)
-    plan_path = Path(adapter_path) / PLAN_FILE_NAME
-    if plan_path.is_file():
-        tuner.tlora_plans[adapter_name] = TLoRAPlan.load(plan_path)
-    if freeze_lora_A is None:
-        freeze_lora_A = tuner.tlora_plans[adapter_name].freeze_lora_A if adapter_name in tuner.tlora_plans else False
-    if freeze_lora_A:
+    tuner.tlora_plans[adapter_name] = plan
+    if plan.freeze_lora_A if freeze_lora_A is None else freeze_lora_A:
         tuner.freeze_lora_A(adapter_name)
     return peft_model
 
@@ -253,6 +357,7 @@ __all__ = [
     "apply_plan",
     "get_tlora_model",
     "load_tlora_model",
+    "modules_fingerprint",
     "plan_from_statistics",
     "StatisticsMismatchError",
     "LoraConfig",

@@ -3,15 +3,18 @@
 A cache file records, in its safetensors header, a SHA-256 digest of the calibration rows actually used (each
 row's token ids and labels at its attention-masked positions, so batching and padding do not change it), their
 number and, where the caller knows them, the seed that drew them and the cut-off length. A cache whose record
-differs from the rows given now is an error that says what changed. Under `torch.distributed` rank 0 decides
-whether the cache is used and every rank follows; a rank that lacks the file rank 0 has fails on every rank
-(put the cache on a filesystem all ranks see, or copy it to each node).
+differs from the rows given now is an error that says what changed; so is one computed with another sensitivity
+mode or statistics dtype, one whose tensors differ from the SHA-256 digest in its header, and one that cannot be
+read. Before a fresh calibration pass, the cache's folder is checked to be writable. Under `torch.distributed`
+rank 0 decides whether the cache is used and every rank follows; a rank that lacks the file rank 0 has fails on
+every rank (put the cache on a filesystem all ranks see, or copy it to each node).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -117,25 +120,62 @@ def check_calibration_record(saved: Mapping[str, str], expected: Mapping[str, st
         )
 
 
+def check_statistics_settings(statistics: TLoRAStatistics, config: TLoRAConfig, path: Path) -> None:
+    """Raise `StatisticsMismatchError` naming what differs unless the cache was computed with `config`'s sensitivity
+    mode and statistics dtype."""
+    settings = (("sensitivity", statistics.sensitivity_mode, config.sensitivity),
+                ("statistics_dtype", statistics.dtype, config.statistics_dtype))
+    changes = [f"{name}: {saved!r} in the cache, {now!r} now" for name, saved, now in settings if saved != now]
+    if changes:
+        raise StatisticsMismatchError(
+            f"the statistics cache {path} was computed with other settings ({'; '.join(changes)}); delete it or give "
+            "another statistics_cache path to recalibrate"
+        )
+
+
+def check_cache_writable(cache: Path) -> None:
+    """Raise `CalibrationError` unless a file can be written at `cache` (checked before the calibration pass)."""
+    if cache.exists() and not cache.is_file():
+        raise CalibrationError(
+            f"the statistics cache {cache} is a folder, not a file; give a file path ending in .safetensors"
+        )
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache.parent, prefix=f".{cache.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        raise CalibrationError(
+            f"the statistics cache {cache} cannot be written: its folder {cache.parent} is not writable "
+            f"({error.strerror or error}); give a statistics_cache path in a writable folder, or make it writable, "
+            "before the calibration pass"
+        ) from error
+
+
 def _load_checked(
-    cache: Path, calibration_data: Optional[Iterable], targets: list[TargetModule], seed: Optional[int],
-    cutoff_len: Optional[int],
+    cache: Path, calibration_data: Optional[Iterable], targets: list[TargetModule], config: TLoRAConfig,
+    seed: Optional[int], cutoff_len: Optional[int],
 ) -> TLoRAStatistics:
-    """The cache's statistics, checked against this model's targets and the calibration rows (if given)."""
+    """The cache's statistics, checked against this model's targets, the config and the calibration rows (if given)."""
     rank, _ = distributed.rank_and_world_size()
     if not cache.is_file():
         raise FileNotFoundError(
             f"rank 0 uses the statistics cache {cache} but rank {rank} has no such file (a filesystem that is not "
             "shared?); put the cache where every rank sees it, copy it to every node, or delete it to recalibrate"
         )
-    statistics = TLoRAStatistics.load(cache)
+    statistics = TLoRAStatistics.load(cache, require_digest=True)
+    check_statistics_settings(statistics, config, cache)
     if calibration_data is not None:
         expected = digest_rows(calibration_data, seed, cutoff_len)
     else:
         expected = {k: str(v) for k, v in (("seed", seed), ("cutoff_len", cutoff_len)) if v is not None}
         logger.warning("No calibration_data given: the rows behind the statistics cache %s are not checked.", cache)
     check_calibration_record(statistics.calibration, expected, cache)
-    statistics.check_matches(targets)
+    try:
+        statistics.check_matches(targets)
+    except StatisticsMismatchError as error:
+        raise StatisticsMismatchError(
+            f"the statistics cache {cache} does not fit this model: {error}; delete it to recalibrate"
+        ) from error
     return statistics
 
 
@@ -156,7 +196,7 @@ def cached_statistics(
     if distributed.broadcast_json(cache.is_file(), src=0):
         statistics, failure = None, None
         try:
-            statistics = _load_checked(cache, calibration_data, targets, seed, cutoff_len)
+            statistics = _load_checked(cache, calibration_data, targets, config, seed, cutoff_len)
         except Exception as error:  # agreed on, so that every rank raises it rather than waiting for the others
             failure = error
         distributed.raise_if_any_rank_failed(failure)
@@ -164,6 +204,13 @@ def cached_statistics(
         return statistics
     if calibration_data is None:
         raise CalibrationError(f"no statistics cache at {cache} yet; get_tlora_model needs calibration_data to make it")
+    failure = None
+    try:
+        if distributed.rank_and_world_size()[0] == 0:  # the rank that writes the cache
+            check_cache_writable(cache)
+    except Exception as error:  # agreed on, so that no rank starts a pass whose result cannot be saved
+        failure = error
+    distributed.raise_if_any_rank_failed(failure)
     digest = RowDigest()
     statistics = compute_statistics(
         model, digest.wrap(calibration_data), config, targets=targets, show_progress=show_progress

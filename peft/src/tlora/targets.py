@@ -116,10 +116,19 @@ def check_readable_weights(targets: list[TargetModule]) -> None:
         check_weight_readable(target.name, target.module)
 
 
+_FINGERPRINT_CHUNK = 1 << 15  # elements rounded at a time on the CPU: a small reused buffer, not a full-size copy
+
+
 def weight_fingerprint(weight: torch.Tensor) -> str:
-    """A short, dtype-robust digest of a weight (4096 strided elements rounded to bfloat16, plus the shape)."""
+    """A short digest of every element of a weight, plus its shape; float values are rounded to bfloat16 first, so
+    a float32 and a bfloat16 load of one checkpoint match (other dtypes count byte for byte)."""
     flat = weight.detach().reshape(-1)
-    stride = max(1, flat.numel() // 4096)
-    sample = flat[::stride][:4096].to(device="cpu", dtype=torch.bfloat16).view(torch.int16)
-    digest = hashlib.sha256(str(tuple(weight.shape)).encode() + sample.numpy().tobytes())
+    digest = hashlib.sha256(str(tuple(weight.shape)).encode())
+    step = _FINGERPRINT_CHUNK if flat.device.type == "cpu" else max(1, flat.numel())
+    scratch = torch.empty(min(step, flat.numel()), dtype=torch.bfloat16, device=flat.device)
+    for start in range(0, flat.numel(), step):
+        part = flat[start : start + step]
+        if part.is_floating_point() and part.dtype != torch.bfloat16:
+            part = scratch[: part.numel()].copy_(part)  # rounded to the nearest bfloat16
+        digest.update(memoryview(part.contiguous().view(torch.uint8).cpu().numpy()))
     return digest.hexdigest()[:16]

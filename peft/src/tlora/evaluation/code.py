@@ -33,12 +33,14 @@ needs EvalPlus's data file). The authors' prompts come from a `python` test file
 public in this form; the paper protocol uses this project's prompts (a difference listed in the README).
 
 Scoring: with EvalPlus's data (HumanEval+ / MBPP+ files named by `HUMANEVAL_OVERRIDE_PATH` / `MBPP_OVERRIDE_PATH`
-or `--evalplus_file`) each solution runs in EvalPlus's own sandbox (`evalplus.eval.untrusted_check`) on the base and
-the plus inputs and is compared with the canonical solution's outputs, as `evalplus.evaluate` does: `pass@1` is the
+or `--evalplus_file`) each solution is checked by EvalPlus's own checker (`evalplus.eval.untrusted_check`) on the base
+and the plus inputs and compared with the canonical solution's outputs, as `evalplus.evaluate` does: `pass@1` is the
 base score and `pass@1_plus` the base+plus score, over the EvalPlus task set (164 HumanEval, 378 MBPP tasks).
 Without that data the original tests (HumanEval's `check`, MBPP's `test_list` assertions) run in this package's
-sandbox (`sandbox.py`: a forked child per program with memory, CPU, per-test and wall-clock limits); `pass@1_plus`
-is then null and MBPP counts all 427 sanitized tasks. Generated code never runs in the scorer's process.
+sandbox (`sandbox.py`); `pass@1_plus` is then null and MBPP counts all 427 sanitized tasks. Either way the tests run
+in a trusted judge and the solution in an isolated solver (bubblewrap namespaces, uid 65534, memory, CPU, per-test
+and wall-clock limits) that only answers calls, so a solution cannot write its own verdict (see `sandbox.py`); where
+the isolation is missing, scoring stops unless `unsafe_execution`, which the result records.
 """
 
 from __future__ import annotations
@@ -46,16 +48,26 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..prompts import format_prompt
-from .common import DataFormatError, load_rows, read_jsonl, require_fields
+from .common import DataFormatError, check_prediction_ids, load_rows, read_jsonl, require_fields
 from .protocols import PAPER, ROBUST, ROBUST_STOP_STRINGS, check_protocol, data_record
-from .sandbox import HelperPool, ProgramJob, SandboxLimits, default_workers, run_programs
+from .sandbox import (
+    JUDGE_PATH,
+    HelperPool,
+    ProgramJob,
+    SandboxLimits,
+    default_workers,
+    helper_config,
+    resolve_isolation,
+    run_programs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -323,8 +335,11 @@ def reference_predictions(dataset: str, tasks: Sequence[CodeTask]) -> list[dict]
     return rows
 
 
-def read_code_predictions(path: str, dataset: str) -> list[dict]:
-    """The rows of a code predictions file (`{"task_id", "completion"}` and optionally `raw_completion`, `prompt`)."""
+def read_code_predictions(
+    path: str, dataset: str, task_ids: Optional[Collection[str]] = None, *, data: str = "the test data"
+) -> list[dict]:
+    """The rows of a code predictions file (`{"task_id", "completion"}` and optionally `raw_completion`, `prompt`),
+    one per task, every task among `task_ids` (the tasks of `data`) when given."""
     rows = read_jsonl(path)
     for line_number, row in enumerate(rows, start=1):
         where = f"{path}, line {line_number}"
@@ -339,6 +354,14 @@ def read_code_predictions(path: str, dataset: str) -> list[dict]:
                     "whole program)."
                 )
         row["task_id"] = normalise_task_id(dataset, row["task_id"])
+    known_ids = None if task_ids is None else set(task_ids)
+    check_prediction_ids(
+        rows,
+        [row["task_id"] for row in rows],
+        None if known_ids is None else known_ids.__contains__,
+        data=data,
+        describe=lambda task_id: f"task {task_id}",
+    )
     return rows
 
 
@@ -437,19 +460,27 @@ def load_evalplus_problems(dataset: str, path: str) -> dict[str, dict]:
     return {normalise_task_id(dataset, row["task_id"]): row for row in rows}
 
 
-# The EvalPlus helper (run with `python -I -c`, see sandbox.HelperPool): loads the EvalPlus data file itself (so MBPP
-# inputs are deserialised by EvalPlus), runs the canonical solution (trusted code from the data file) for the
-# expected outputs and their times, as `evalplus.evaluate.get_groundtruth` does without its pickle cache, then checks
-# the solution with `evalplus.eval.untrusted_check`: a forked child with EvalPlus's memory limit, per-input time
-# limits (max(1 s, 4 x the canonical time)) and disabled functions. Plus inputs only run when the base ones pass.
+# The EvalPlus helper (run with `python -I -c`, see sandbox.HelperPool; trusted code only): loads the EvalPlus data
+# file itself (so MBPP inputs are deserialised by EvalPlus), runs the canonical solution (trusted code from the data
+# file) for the expected outputs and their times, as `evalplus.evaluate.get_groundtruth` does without its pickle
+# cache, then checks the solution with EvalPlus's own checker `evalplus.eval.untrusted_check` (per-input time limits
+# max(1 s, 4 x the canonical time), its output comparisons and special oracles). The solution itself never runs in
+# this process: it is defined in a fresh isolated solver per split (sandbox_judge.open_program), and the code EvalPlus
+# executes only binds the entry point to a proxy of it, so outputs are compared here, on plain data. Plus inputs
+# only run when the base ones pass.
 EVALPLUS_WORKER_SOURCE = r"""
-import json, sys
+import importlib.util, json, sys, time
 from evalplus.config import DEFAULT_GT_TIME_LIMIT_FACTOR, DEFAULT_MIN_TIME_LIMIT
 from evalplus.data.utils import stream_jsonl
-from evalplus.eval import PASS, untrusted_check
+from evalplus.eval import FAIL, PASS, untrusted_check
 from evalplus.eval._special_oracle import MBPP_OUTPUT_NOT_NONE_TASKS
 from evalplus.gen.util import trusted_exec
 
+spec = importlib.util.spec_from_file_location("tlora_sandbox_judge", sys.argv[1])
+judge = importlib.util.module_from_spec(spec)
+sys.modules["tlora_sandbox_judge"] = judge
+spec.loader.exec_module(judge)
+CONFIG = json.loads(sys.argv[2])
 PROBLEMS = {}
 
 
@@ -466,6 +497,28 @@ def problems(dataset, path):
     return PROBLEMS[path]
 
 
+def sandboxed_check(job, problem, inputs, expected, times):
+    entry_point = problem["entry_point"]
+    budget = sum(max(DEFAULT_MIN_TIME_LIMIT, DEFAULT_GT_TIME_LIMIT_FACTOR * t) for t in times) + 2
+    request = dict(job["limits"], program=job["solution"], timeout_per_test=budget, cpu_seconds=2 * budget)
+    try:
+        solver, reply = judge.open_program(CONFIG, request, {entry_point}, time.monotonic() + 3 * budget + 10)
+    except (judge.WallClockTimeout, judge.SolverGone):
+        return FAIL
+    try:
+        if not reply.get("ok") or reply.get("names", {}).get(entry_point) != "callable":
+            return FAIL
+        judge.EVALPLUS_TARGET = judge.Calls(solver, budget).proxy(entry_point)
+        code = "from tlora_sandbox_judge import EVALPLUS_TARGET as %s\n" % entry_point
+        status, _ = untrusted_check(job["dataset"], code, inputs, entry_point, expected=expected,
+                                    atol=problem["atol"], ref_time=times, fast_check=True,
+                                    min_time_limit=DEFAULT_MIN_TIME_LIMIT,
+                                    gt_time_limit_factor=DEFAULT_GT_TIME_LIMIT_FACTOR)
+        return status
+    finally:
+        solver.close()
+
+
 def check(job):
     dataset = job["dataset"]
     problem = problems(dataset, job["path"])[job["task_id"]]
@@ -476,12 +529,8 @@ def check(job):
         inputs = problem[split + "_input"]
         expected, times = trusted_exec(reference, inputs, problem["entry_point"], record_time=True,
                                        output_not_none=output_not_none)
-        status, _ = untrusted_check(dataset, job["solution"], inputs, problem["entry_point"], expected=expected,
-                                    atol=problem["atol"], ref_time=times, fast_check=True,
-                                    min_time_limit=DEFAULT_MIN_TIME_LIMIT,
-                                    gt_time_limit_factor=DEFAULT_GT_TIME_LIMIT_FACTOR)
-        statuses[split] = status
-        if status != PASS:
+        statuses[split] = sandboxed_check(job, problem, inputs, expected, times)
+        if statuses[split] != PASS:
             break
     return statuses
 
@@ -499,19 +548,44 @@ for line in sys.stdin:
 
 
 def run_evalplus(
-    dataset: str, path: str, jobs: Sequence[tuple[str, str]], workers: int, progress: bool = True
+    dataset: str,
+    path: str,
+    jobs: Sequence[tuple[str, str]],
+    workers: int,
+    progress: bool = True,
+    limits: Optional[SandboxLimits] = None,
+    unsafe_execution: bool = False,
 ) -> list[dict]:
     """EvalPlus base/plus statuses (`"pass"`, `"fail"`, `"timeout"`) for (raw task_id, solution) pairs."""
     import importlib.util
+    import tempfile
 
     if importlib.util.find_spec("evalplus") is None:
         raise ImportError("Scoring with EvalPlus data needs evalplus: pip install evalplus (the 'eval' extra).")
+    limits = limits or SandboxLimits()
+    isolation = resolve_isolation(limits, unsafe_execution)
+    solver_limits = {
+        "memory_mb": limits.memory_mb,
+        "max_file_mb": limits.max_file_mb,
+        "max_processes": limits.max_processes,
+    }
     requests = [
-        {"dataset": dataset, "path": os.path.abspath(path), "task_id": task_id, "solution": solution}
+        {
+            "dataset": dataset,
+            "path": os.path.abspath(path),
+            "task_id": task_id,
+            "solution": solution,
+            "limits": solver_limits,
+        }
         for task_id, solution in jobs
     ]
-    with HelperPool(EVALPLUS_WORKER_SOURCE, workers=workers) as pool:
-        return pool.map(requests, progress=progress, description=f"evalplus {dataset}")
+    work_dir = tempfile.mkdtemp(prefix="tlora-evalplus-")
+    try:
+        program = ["-c", EVALPLUS_WORKER_SOURCE, JUDGE_PATH, helper_config(isolation, work_dir)]
+        with HelperPool(program, workers=workers, cwd=work_dir) as pool:
+            return pool.map(requests, progress=progress, description=f"evalplus {dataset}")
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _group_pass_rate(records: Sequence[Mapping], key: str) -> Optional[float]:
@@ -539,15 +613,19 @@ def score_code_predictions(
     limits: Optional[SandboxLimits] = None,
     workers: Optional[int] = None,
     progress: bool = True,
+    unsafe_execution: bool = False,
 ) -> dict:
     """pass@1 of `predictions` (rows with task_id and completion) over EvalPlus's task set: the result dict with one
     record per prediction.
 
     A task of the set without a prediction is an error unless `allow_subset` (then only predicted tasks are scored,
-    and the result says so); predictions for tasks outside the test data are an error.
+    and the result says so); predictions for tasks outside the test data are an error. Generated code runs isolated
+    (`sandbox.py`); where the isolation is not available this raises `SandboxUnavailableError` before any work,
+    unless `unsafe_execution` (recorded in the result).
     """
     check_dataset(dataset)
     check_protocol(protocol)
+    isolation = resolve_isolation(limits or SandboxLimits(), unsafe_execution)
     data_file = data_file or DEFAULT_DATA_FILES[dataset]
     if tasks is None:
         tasks = load_code_tasks(dataset, data_file)
@@ -614,7 +692,9 @@ def score_code_predictions(
     started = time.monotonic()
     if plus_problems is not None:
         jobs = [(plus_problems[r["task_id"]]["task_id"], r["solution"]) for r in records]
-        answers = run_evalplus(dataset, plus_path, jobs, workers, progress=progress)
+        answers = run_evalplus(
+            dataset, plus_path, jobs, workers, progress=progress, limits=limits, unsafe_execution=unsafe_execution
+        )
         for record, answer in zip(records, answers, strict=True):
             status = {"base": answer.get("base", "error"), "plus": answer.get("plus")}
             record["passed"] = status["base"] == "pass"
@@ -629,10 +709,14 @@ def score_code_predictions(
                 program=record["solution"],
                 tests=task_by_id[record["task_id"]].tests,
                 setup=task_by_id[record["task_id"]].setup,
+                # HumanEval's prompt (imports, helpers such as `poly`) runs trusted beside the tests
+                context=task_by_id[record["task_id"]].text if dataset == "humaneval" else "",
+                entry_points=tuple(filter(None, [task_by_id[record["task_id"]].entry_point])),
             )
             for record in records
         ]
-        for record, outcome in zip(records, run_programs(jobs, limits, workers, progress=progress), strict=True):
+        outcomes = run_programs(jobs, limits, workers, progress=progress, unsafe_execution=unsafe_execution)
+        for record, outcome in zip(records, outcomes, strict=True):
             record["passed"] = outcome.passed
             record["status"] = outcome.status
             record["error"] = outcome.error
@@ -664,6 +748,8 @@ def score_code_predictions(
         "data_file": data_file,
         "postprocessed": postprocess,
         "scoring_seconds": round(seconds, 2),
+        "unsafe_execution": isolation.unsafe,
+        "sandbox": isolation.description,
         "records": records,
     }
 
@@ -749,6 +835,7 @@ def evaluate_code(
     workers: Optional[int] = None,
     score_references: bool = False,
     extra: Optional[Mapping] = None,
+    unsafe_execution: bool = False,
 ) -> dict:
     """Score `predictions_file` (or generate with `backend` first, or the references) and write the result JSON."""
     from dataclasses import asdict
@@ -763,7 +850,9 @@ def evaluate_code(
         predictions, postprocess = reference_predictions(dataset, tasks), False
         info["predictions"] = "reference solutions"
     elif predictions_file is not None:
-        predictions = read_code_predictions(predictions_file, dataset)
+        known = [task.task_id for task in tasks]
+        described = source if limit is None else f"the first {limit} tasks of {source} (--limit)"
+        predictions = read_code_predictions(predictions_file, dataset, known, data=described)
         info["predictions_file"] = predictions_file
     elif backend is not None:
         settings = settings or generation_settings(protocol=protocol)
@@ -787,6 +876,7 @@ def evaluate_code(
         allow_subset=subset,
         limits=limits,
         workers=workers,
+        unsafe_execution=unsafe_execution,
     )
     if limit is not None:
         result["limit"] = limit

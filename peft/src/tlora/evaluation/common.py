@@ -12,7 +12,7 @@ import argparse
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -26,10 +26,11 @@ from .protocols import (
     check_full_set,
     check_protocol,
     data_record,
+    truncate_at_stop,
 )
 
 from ..constants import RUN_RECORD_FILE as RUN_RECORD_NAME
-from ..rows import DataFormatError, is_local_path, load_rows, read_rows
+from ..rows import DataFormatError, RowSource, is_local_path, load_rows, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -59,26 +60,62 @@ def require_fields(rows: Sequence[Mapping], fields: Iterable[str], source: str) 
 # Predictions files
 
 
+def check_prediction_ids(
+    rows: RowSource,
+    ids: Sequence[Hashable],
+    known: Optional[Callable[[Hashable], bool]] = None,
+    *,
+    data: str = "the data file",
+    describe: Callable[[Hashable], str] = lambda key: f"id {key!r}",
+) -> None:
+    """Raise a DataFormatError naming the file, line and id when a predictions file is empty, holds an id twice, or
+    names an id that `known` says the data lacks (`ids[i]` is the id of `rows[i]`); one check for every task."""
+    if not rows:
+        raise DataFormatError(
+            f"{rows.origin} holds no predictions (an empty file); pass the generations file the generation step "
+            "wrote, one JSON object a line."
+        )
+    first_index: dict[Hashable, int] = {}
+    for index, key in enumerate(ids):
+        if known is not None and not known(key):
+            raise DataFormatError(
+                f"{rows.where(index)}: {describe(key)} is outside {data}; were these predictions made for other "
+                "data? Pass the data they were generated from, or remove that line."
+            )
+        if key in first_index:
+            raise DataFormatError(
+                f"{rows.where(index)}: {describe(key)} appears twice (first at {rows.where(first_index[key])}); "
+                "keep one prediction per item (a duplicate would be averaged or overwritten silently)."
+            )
+        first_index[key] = index
+
+
 def read_predictions(path: str, num_rows: Any = None, *, with_task: bool = False) -> list[dict]:
     """The rows of a predictions file (`{"id", "completion"}` and `"task"` when `with_task`), checked; `num_rows` is
     the data file's row count (a dict of counts by task when `with_task`) for the range check."""
     rows = read_jsonl(path)
-    seen = set()
-    for line_number, row in enumerate(rows, start=1):
-        where = f"{path}, line {line_number}"
+    for index, row in enumerate(rows):
+        where = rows.where(index)
         if not isinstance(row.get("id"), int) or isinstance(row.get("id"), bool):
             raise DataFormatError(f"{where}: 'id' must be the 0-based row index in the data file (an integer).")
         if not isinstance(row.get("completion"), str):
             raise DataFormatError(f"{where}: 'completion' must be a string (the generated text).")
         if with_task and not isinstance(row.get("task"), str):
             raise DataFormatError(f"{where}: 'task' must name the commonsense task (for example \"boolq\").")
-        limit = num_rows.get(row.get("task")) if isinstance(num_rows, Mapping) else num_rows
-        if limit is not None and not 0 <= row["id"] < limit:
-            raise DataFormatError(f"{where}: id {row['id']} is outside the data file's {limit} rows.")
-        key = (row.get("task"), row["id"]) if with_task else row["id"]
-        if key in seen:
-            raise DataFormatError(f"{where}: id {row['id']} appears twice.")
-        seen.add(key)
+
+    def known(key: Hashable) -> bool:
+        """Whether a (task, id) or id is a row of the data (ids of tasks not evaluated are not checked)."""
+        task, index = key if with_task else (None, key)
+        limit = num_rows.get(task) if isinstance(num_rows, Mapping) else num_rows
+        return limit is None or 0 <= index < limit
+
+    keys = [(row["task"], row["id"]) if with_task else row["id"] for row in rows]
+    if isinstance(num_rows, Mapping):
+        data = "the data files (" + ", ".join(f"{task}: {count} rows" for task, count in num_rows.items()) + ")"
+    else:
+        data = "the data file" if num_rows is None else f"the data file's {num_rows} rows (ids 0 to {num_rows - 1})"
+    describe = (lambda key: f"task {key[0]!r} id {key[1]}") if with_task else (lambda key: f"id {key}")
+    check_prediction_ids(rows, keys, known, data=data, describe=describe)
     return rows
 
 
@@ -144,8 +181,22 @@ class ModelArguments:
     merged_dir: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Where vLLM's merged copy of an adapter is written and reused "
-            "(default: <adapter dir>/merged_for_vllm)."
+            "help": "Where vLLM's merged copy of an adapter (or with --serve_adapter its export for vLLM) is written "
+            "and reused (default: <adapter dir>/merged_for_vllm)."
+        },
+    )
+    serve_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "vLLM: serve the adapter unmerged (enable_lora, a LoRARequest) instead of merging it; an adapter "
+            "with per-module ranks or alphas (TLoRA) is first exported as a plain LoRA (python -m tlora.export)."
+        },
+    )
+    max_lora_rank: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "vLLM max_lora_rank with --serve_adapter (1, 8, 16, 32, 64, 128, 256, 320 or 512; default: the "
+            "smallest that holds the adapter's largest rank)."
         },
     )
 
@@ -159,6 +210,10 @@ class ModelArguments:
         options["gpu_memory_utilization"] = self.gpu_memory_utilization
         if self.merged_dir is not None:
             options["work_dir"] = self.merged_dir
+        if self.serve_adapter:
+            options["serve_adapter"] = True
+        if self.max_lora_rank is not None:
+            options["max_lora_rank"] = self.max_lora_rank
         return options
 
 
@@ -441,6 +496,12 @@ def load_task_rows(spec: TaskSpec, data_file: str) -> list[dict]:
     return rows
 
 
+def cut_at_stop_strings(completions: Mapping, stop: Sequence[str]) -> tuple[dict, int]:
+    """Completions cut at the stop strings as vLLM cut the authors' generations, and how many of them were cut."""
+    cut = {key: truncate_at_stop(text, stop) for key, text in completions.items()}
+    return cut, sum(cut[key] != text for key, text in completions.items())
+
+
 def run_task(
     spec: TaskSpec,
     model_arguments: ModelArguments,
@@ -463,7 +524,16 @@ def run_task(
     completions, used_backend = collect_completions(
         items, model_arguments, evaluation_arguments, settings, backend=backend, num_rows=num_data_rows
     )
+    extra: dict[str, Any] = {"protocol": spec.protocol}
+    if evaluation_arguments.predictions is not None and spec.protocol == PAPER:
+        completions, num_cut = cut_at_stop_strings(completions, spec.stop)
+        extra["predictions_cut_at_stop_strings"] = {"stop": list(spec.stop), "num_cut": num_cut}
     records = score_items(items, completions, spec.judge)
+    if evaluation_arguments.predictions is not None and not records:
+        raise DataFormatError(
+            f"{evaluation_arguments.predictions} has no prediction for any of the {len(items)} rows evaluated (ids 0 "
+            f"to {len(items) - 1}); check --limit and that the predictions belong to {data_file}."
+        )
     if evaluation_arguments.predictions is not None and len(records) < len(items):
         logger.warning(
             "%s covers %d of %d rows; accuracy is over the covered rows only",
@@ -471,10 +541,7 @@ def run_task(
             len(records),
             len(items),
         )
-    extra: dict[str, Any] = {
-        "protocol": spec.protocol,
-        "data": data_record(data_file, len(records), spec.name, subset=subset),
-    }
+    extra["data"] = data_record(data_file, len(records), spec.name, subset=subset)
     if evaluation_arguments.predictions:
         extra["predictions_file"] = evaluation_arguments.predictions
     result = build_result(
@@ -559,7 +626,9 @@ __all__ = [
     "ProtocolArguments",
     "accuracy",
     "build_result",
+    "check_prediction_ids",
     "collect_completions",
+    "cut_at_stop_strings",
     "configure_logging",
     "default_output_path",
     "load_rows",

@@ -202,6 +202,11 @@ def run(
     records = score_items(
         items, completions, lambda completion, item: judge(item.task, completion, item.gold), with_task=True
     )
+    if evaluation_arguments.predictions is not None and not records:
+        raise DataFormatError(
+            f"{evaluation_arguments.predictions} has no prediction for any row of the tasks evaluated "
+            f"({', '.join(files)}); check --tasks and --limit."
+        )
     per_task = {}
     for task in files:
         task_records = [record for record in records if record["task"] == task]

@@ -17,8 +17,8 @@ from typing import Optional, Protocol, runtime_checkable
 import torch
 from tqdm.auto import tqdm
 
-from .models import load_model_and_tokenizer, merged_model_dir
-from .protocols import ROBUST_STOP_STRINGS
+from .models import load_model_and_tokenizer, merged_model_dir, served_adapter
+from .protocols import ROBUST_STOP_STRINGS, truncate_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +52,6 @@ class GenerationBackend(Protocol):
     def generate(self, prompts: list[str], settings: GenerationSettings) -> list[str]:
         """One completion per prompt, in the order of `prompts`."""
         ...
-
-
-def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
-    """`text` cut just before the earliest occurrence of any stop string."""
-    end = len(text)
-    for stop_string in stop:
-        if stop_string:
-            position = text.find(stop_string)
-            if position != -1:
-                end = min(end, position)
-    return text[:end]
 
 
 def backend_name(backend: object) -> str:
@@ -183,7 +172,8 @@ def _largest_usable_parallelism(device_count: int, model_dir: str) -> int:
 
 
 class VLLMBackend:
-    """vLLM offline generation (greedy, batched by vLLM) on all visible GPUs; adapters are merged first."""
+    """vLLM offline generation (greedy, batched by vLLM) on all visible GPUs; adapters are merged first, or served
+    unmerged as a LoRA with `serve_adapter` (exported by `tlora.export` when they have rank or alpha patterns)."""
 
     name = "vllm"
 
@@ -199,26 +189,37 @@ class VLLMBackend:
         gpu_memory_utilization: float = 0.9,
         max_model_len: Optional[int] = None,
         seed: int = 0,
+        serve_adapter: bool = False,
+        max_lora_rank: Optional[int] = None,
     ) -> None:
         try:
             import vllm
         except ImportError as error:
             raise ImportError("The vLLM backend needs vLLM: `pip install vllm`, or use --backend hf.") from error
 
+        if max_lora_rank is not None and not serve_adapter:
+            raise ValueError("--max_lora_rank applies to --serve_adapter only; add --serve_adapter or drop it.")
         if work_dir is None:
             work_dir = (
                 os.path.join(os.path.expanduser(model_path), "merged_for_vllm")
                 if os.path.isdir(os.path.expanduser(model_path))
                 else os.path.join(os.getcwd(), "merged_for_vllm")
             )
-        model_dir = merged_model_dir(
-            model_path, work_dir, dtype=dtype, trust_remote_code=trust_remote_code, base_model=base_model
-        )
+        if serve_adapter:
+            served = served_adapter(model_path, work_dir, base_model=base_model, max_lora_rank=max_lora_rank)
+            model_dir, tokenizer = served.base_model, served.tokenizer
+            options: dict = dict(enable_lora=True, max_lora_rank=served.max_lora_rank, max_loras=1)
+            self.lora_request = _lora_request(served.lora_path)
+        else:
+            model_dir = merged_model_dir(
+                model_path, work_dir, dtype=dtype, trust_remote_code=trust_remote_code, base_model=base_model
+            )
+            tokenizer, options, self.lora_request = model_dir, {}, None
         if tensor_parallel_size is None:
             tensor_parallel_size = _largest_usable_parallelism(torch.cuda.device_count(), model_dir)
-        options = dict(
+        options.update(
             model=model_dir,
-            tokenizer=model_dir,
+            tokenizer=tokenizer,
             dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
             trust_remote_code=trust_remote_code,
@@ -242,8 +243,16 @@ class VLLMBackend:
             stop=stop or None,
             seed=settings.seed,
         )
-        outputs = self.llm.generate(prompts, params)
+        extra = {} if self.lora_request is None else {"lora_request": self.lora_request}
+        outputs = self.llm.generate(prompts, params, **extra)
         return [truncate_at_stop(output.outputs[0].text, stop) for output in outputs]
+
+
+def _lora_request(lora_path: str):
+    """vLLM's request for the one adapter served (name "adapter", id 1)."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name="adapter", lora_int_id=1, lora_path=lora_path)
 
 
 def vllm_available() -> bool:
@@ -268,6 +277,8 @@ def make_backend(
     if backend == "vllm":
         vllm_options = {key: value for key, value in kwargs.items() if key != "device"}
         return VLLMBackend(model_path, dtype=dtype, trust_remote_code=trust_remote_code, **vllm_options)
+    if kwargs.get("serve_adapter"):
+        logger.info("The HF backend merges the adapter on the fly; --serve_adapter applies to vLLM only")
     hf_options = {key: value for key, value in kwargs.items() if key in ("device", "base_model", "model", "tokenizer")}
     return HFBackend(model_path, dtype=dtype, trust_remote_code=trust_remote_code, **hf_options)
 

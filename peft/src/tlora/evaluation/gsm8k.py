@@ -5,8 +5,11 @@ template, byte for byte) and differ in stop strings and answer reading.
 
 `paper` (the authors' `eval_gsm8k.py`, `extract_answer_number`): the text after the last `The answer is: ` (exact
 case, colon and space), its first match of `[-+]?\d*[.,/]?\d+`, as a float rounded to an integer with Python's
-`round` (so `18.5` reads as 18, `1,234,567` as 1234, `3/4` as 1); no marker or no number is wrong. Gold: the
-integer after the first `#### `. Stop strings: the authors' ten; at most 512 new tokens.
+`round` (so `18.5` reads as 18, `1,234,567` as 1234, `3/4` as 1; a fraction is read with the PyPI package
+`fraction`, their import, whose floating-point arithmetic can round a large `a/b` differently from exact arithmetic);
+no marker or no number is wrong, and so is a number their script stops on with an error (`5/00`, a 400-digit
+negative number). Gold: the integer after the first `#### `. Stop strings: the authors' ten (also applied to a
+`--predictions` file, as vLLM applied them to their generations); at most 512 new tokens.
 
 `robust` extraction, in order:
 1. the first number after the last `The answer is` (the MetaMath / paper format; a colon is optional, case is
@@ -23,7 +26,7 @@ script instead rounds the prediction to an integer and reads only the first grou
 
 from __future__ import annotations
 
-import math
+import logging
 import re
 import unicodedata
 from fractions import Fraction
@@ -32,6 +35,8 @@ from typing import Optional
 from ..prompts import format_prompt
 from .common import DataFormatError, EvaluationItem, protocol_tasks
 from .protocols import ROBUST
+
+logger = logging.getLogger(__name__)
 
 HUB_ID = "openai/gsm8k"
 HUB_CONFIG = "main"
@@ -143,25 +148,51 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def _paper_fraction_value(text: str) -> float:
+    """`numerator / denominator` of `text` read by the PyPI package `fraction`, the authors' import (floating point
+    inside, not exact); its own errors (a zero denominator such as `5/00`) become ValueError."""
+    try:
+        from fraction.Fraction import Fraction as PaperFraction, FractionException
+    except ImportError as error:
+        raise ImportError(
+            "The paper protocol reads GSM8K fractions with the PyPI package `fraction`, as the authors' script does: "
+            "`pip install fraction==2.2.0` (or `pip install -e 'peft[eval]'`)."
+        ) from error
+    try:
+        value = PaperFraction(text)
+    except FractionException as error:
+        raise ValueError(f"fraction.FractionException: {error}") from error
+    return value.numerator / value.denominator
+
+
+def _paper_number(text: str) -> Optional[int]:
+    """The authors' integer for a matched number (raises ArithmeticError or ValueError where their script stops)."""
+    if "/" not in text:
+        value = float(text.replace(",", ""))
+        return None if value == float("inf") else round(value)  # only +inf is caught, as in their code
+    numerator, denominator = text.split("/")[0], text.split("/")[1]
+    if not (_is_number(numerator) and _is_number(denominator)):
+        return None
+    if denominator == "0":
+        return round(float(numerator.replace(",", "")))
+    return round(float(_paper_fraction_value(text.replace(",", ""))))
+
+
 def paper_extract_answer(completion: str) -> Optional[int]:
-    """The authors' answer: the first number after the last `The answer is: `, rounded to an integer, or None."""
+    """The authors' answer: the first number after the last `The answer is: `, rounded to an integer, or None (also
+    where their script stops with an error, such as `5/00` or a 400-digit negative number: scored wrong here)."""
     parts = completion.split(PAPER_MARKER)
     if len(parts) < 2:
         return None
     match = PAPER_NUMBER.search(parts[-1].strip())
     if match is None:
         return None
-    text = match.group().replace(",", "")
-    if "/" in text:
-        numerator, denominator = text.split("/")[0], text.split("/")[1]
-        if not (_is_number(numerator) and _is_number(denominator)):
-            return None
-        if denominator == "0":
-            return round(float(numerator))
-        value = Fraction(text)
-        return round(float(value.numerator / value.denominator))
-    value = float(text)
-    return None if math.isinf(value) else round(value)
+    try:
+        return _paper_number(match.group())
+    except (ArithmeticError, ValueError) as error:
+        shown = match.group() if len(match.group()) <= 40 else match.group()[:37] + "..."
+        logger.warning("The authors' script stops with an error on %r (%s); scored as no answer", shown, error)
+        return None
 
 
 def paper_gold_answer(solution: str, where: str = "") -> int:

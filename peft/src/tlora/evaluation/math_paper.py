@@ -124,7 +124,9 @@ def normalize(text: str) -> str:
     text = text.replace("^{\\circ}", "").replace("^\\circ", "")
     text = text.replace("\\$", "")
     text = _without_units(text)
-    text = text.replace("\\%", "")
+    # The authors remove `\%` twice (`replace("\\%", "")` then `replace("\%", "")`, the same string in Python), so
+    # `3\\\%%` reads as `3`.
+    text = text.replace("\\%", "").replace("\\%", "")
     text = text.replace(" .", " 0.").replace("{.", "{0.")
     if not text:
         return text

@@ -15,7 +15,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..constants import MERGED_DIR
+from ..constants import MERGED_DIR, VLLM_EXPORT_FILE
+from ..export import check_plain_lora, check_vllm_compatible, export_for_vllm, vllm_max_lora_rank
+from ..outputs import AdapterFolderError, check_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,20 @@ def _read_adapter_config(adapter_dir: str) -> dict:
         raise ModelResolutionError(f"{config_path} is not valid JSON ({error}); re-save the adapter.") from error
 
 
+def _check_adapter_files(adapter_dir: str) -> None:
+    """Raise unless the adapter folder holds its weights and agrees with the manifest of its last complete save."""
+    if not any(os.path.isfile(os.path.join(adapter_dir, name)) for name in ADAPTER_WEIGHT_NAMES):
+        raise ModelResolutionError(
+            f"{adapter_dir} holds {ADAPTER_CONFIG_NAME} but no adapter weights ({' or '.join(ADAPTER_WEIGHT_NAMES)}); "
+            "the run that wrote it did not finish saving, or the file was moved: point --model at a complete "
+            "adapter folder (or rerun the training)."
+        )
+    try:
+        check_manifest(adapter_dir)
+    except AdapterFolderError as error:
+        raise ModelResolutionError(str(error)) from error
+
+
 def _hub_adapter_config(repo_id: str) -> Optional[dict]:
     """The adapter configuration of a hub repository, or None when it has none or the hub cannot be reached."""
     try:
@@ -75,7 +91,13 @@ def _hub_adapter_config(repo_id: str) -> Optional[dict]:
 def _base_model_from_config(adapter_config: dict, adapter_path: str, base_model: Optional[str]) -> str:
     """The base model of an adapter: the override if given, else `base_model_name_or_path` from its config."""
     if base_model:
-        return base_model
+        expanded = os.path.expanduser(base_model)
+        if not os.path.isdir(expanded) and (os.path.exists(expanded) or _looks_like_local_path(base_model)):
+            raise ModelResolutionError(
+                f"--base_model {base_model} is not a model folder on this machine (it does not exist or is a file) and "
+                "not a Hugging Face hub id ('org/name'); pass the base model's local folder or hub id."
+            )
+        return expanded if os.path.isdir(expanded) else base_model
     name = adapter_config.get("base_model_name_or_path")
     if not name:
         raise ModelResolutionError(
@@ -96,6 +118,7 @@ def resolve_model(path: str, base_model: Optional[str] = None) -> ResolvedModel:
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
         if os.path.isfile(os.path.join(expanded, ADAPTER_CONFIG_NAME)):
+            _check_adapter_files(expanded)
             config = _read_adapter_config(expanded)
             base = _base_model_from_config(config, expanded, base_model)
             return ResolvedModel(kind="adapter", path=expanded, base_model=base, adapter_path=expanded)
@@ -252,13 +275,64 @@ def merged_model_dir(
     return target
 
 
+@dataclass
+class ServedAdapter:
+    """What vLLM loads to serve an adapter unmerged: base model, tokenizer, LoRA folder and `max_lora_rank`."""
+
+    base_model: str
+    tokenizer: str
+    lora_path: str
+    max_lora_rank: int
+
+
+def _has_patterns(adapter_config: dict) -> bool:
+    """Whether an adapter sets per-module ranks or alphas, which vLLM ignores."""
+    return bool(adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"))
+
+
+def exported_adapter_dir(adapter_dir: str, work_dir: str, max_lora_rank: Optional[int] = None) -> str:
+    """A plain LoRA copy of `adapter_dir` for vLLM (`tlora.export`), written once into `work_dir` and reused."""
+    suffix = f"r{max_lora_rank}" if max_lora_rank is not None else "rauto"
+    target = os.path.join(work_dir, f"lora-{_adapter_fingerprint(adapter_dir)}-{suffix}")
+    if os.path.isfile(os.path.join(target, VLLM_EXPORT_FILE)):
+        logger.info("Reusing the adapter exported for vLLM in %s", target)
+        return target
+    logger.info("Exporting %s for vLLM (per-module scales folded into B, ranks padded) to %s", adapter_dir, target)
+    return str(export_for_vllm(adapter_dir, target, max_lora_rank))
+
+
+def served_adapter(
+    path: str, work_dir: str, *, base_model: Optional[str] = None, max_lora_rank: Optional[int] = None
+) -> ServedAdapter:
+    """How vLLM serves the adapter at `path` without merging: exported first when it has rank or alpha patterns."""
+    resolved = resolve_model(path, base_model=base_model)
+    if resolved.kind != "adapter":
+        raise ModelResolutionError(
+            f"--serve_adapter serves a LoRA adapter unmerged, but {path} is a {resolved.kind} model; point --model at "
+            "the adapter folder or drop --serve_adapter."
+        )
+    if not os.path.isdir(resolved.path):
+        raise ModelResolutionError("Serving a hub adapter with --serve_adapter is not supported; download it first.")
+    config = _read_adapter_config(resolved.path)
+    check_plain_lora(config, resolved.path)  # DoRA, base-modifying inits, ...: vLLM would serve something else
+    lora_path = resolved.path
+    if _has_patterns(config):
+        lora_path = exported_adapter_dir(resolved.path, work_dir, max_lora_rank)
+    rank = vllm_max_lora_rank(_read_adapter_config(lora_path)["r"], max_lora_rank)
+    check_vllm_compatible(lora_path, rank)
+    tokenizer = resolved.path if _has_tokenizer(resolved.path) else resolved.base_model
+    return ServedAdapter(base_model=resolved.base_model, tokenizer=tokenizer, lora_path=lora_path, max_lora_rank=rank)
+
+
 __all__ = [
     "ModelResolutionError",
     "ResolvedModel",
+    "ServedAdapter",
     "default_device",
     "load_model_and_tokenizer",
     "load_tokenizer",
     "merged_model_dir",
     "resolve_model",
+    "served_adapter",
     "torch_dtype",
 ]

@@ -36,13 +36,13 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..prompts import format_prompt
-from .common import DataFormatError, read_jsonl, write_jsonl
+from .common import DataFormatError, check_prediction_ids, read_jsonl, write_jsonl
 from .judge import DEFAULT_JUDGE_MODEL, JudgeClient, parse_rating
 from .protocols import PAPER, data_record
 
@@ -132,18 +132,29 @@ def load_judge_prompts(path: str) -> dict[str, dict]:
     return prompts
 
 
-def load_answers(path: str) -> dict[Any, dict]:
-    """Answers in FastChat's answer-file format keyed by question id (a later line for the same id wins)."""
-    answers = {}
-    for index, row in enumerate(read_jsonl(resolve_data_file(path))):
+def load_answers(
+    path: str, question_ids: Optional[Collection[Any]] = None, question_file: str = "the question file"
+) -> dict[Any, dict]:
+    """Answers in FastChat's answer-file format keyed by question id, one per question, each one a question of
+    `question_ids` (those of `question_file`) when given."""
+    rows = read_jsonl(resolve_data_file(path))
+    for index, row in enumerate(rows):
         choices = row.get("choices")
         if "question_id" not in row or not choices or not isinstance(choices[0].get("turns"), list):
             raise DataFormatError(
                 f"{path}, line {index + 1}: expected FastChat's answer format "
                 '{"question_id", "model_id", "choices": [{"index": 0, "turns": [...]}]}.'
             )
-        answers[row["question_id"]] = row
-    return answers
+    known_ids = None if question_ids is None else set(question_ids)
+    ids = [row["question_id"] for row in rows]
+    check_prediction_ids(
+        rows,
+        ids,
+        None if known_ids is None else known_ids.__contains__,
+        data=question_file,
+        describe=lambda key: f"question_id {key!r}",
+    )
+    return dict(zip(ids, rows))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -418,8 +429,9 @@ def run_judgment(
     limit: Optional[int] = None,
 ) -> dict:
     """Judge an answer file and write the judgments (FastChat format) and the result JSON; returns the result."""
-    questions = load_questions(question_file, limit=limit)
-    answers = load_answers(answer_file)
+    all_questions = load_questions(question_file)
+    questions = all_questions[:limit] if limit is not None else all_questions
+    answers = load_answers(answer_file, [question["question_id"] for question in all_questions], question_file)
     judge_prompts = load_judge_prompts(judge_prompts_file)
     needs_references = any(question["category"] in NEED_REF_CATEGORIES for question in questions)
     references = load_answers(reference_answer_file) if needs_references else {}

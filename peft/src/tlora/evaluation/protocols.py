@@ -4,8 +4,9 @@ Two protocols exist for every scorer that the authors published a script for:
 
 * `paper` reproduces the authors' evaluation scripts (github.com/Rambo-Yi/TLora, `evaluate/math/eval_gsm8k.py`,
   `evaluate/math/eval_math.py` with `util.py`, `evaluate/code/gen_vllm.py` and `code_process.py`): their prompt text
-  to the byte, their ten stop strings, their token limits, their full test sets and their answer reading. A number
-  from it can be put beside the paper's table.
+  to the byte, their ten stop strings (also cut into the completions of a `--predictions` file, as vLLM cut theirs),
+  their token limits, their full test sets and their answer reading. A number from it can be put beside the paper's
+  table.
 * `robust` is this project's reading (exact rational comparison for GSM8K, math-verify for MATH, a code clean-up
   that keeps indentation); it scores what a model means more often, so it is not comparable with the paper.
 
@@ -15,6 +16,7 @@ prints them beside each number and compares with the paper only where the protoc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 PAPER = "paper"
@@ -23,7 +25,8 @@ PROTOCOLS = (PAPER, ROBUST)
 DEFAULT_PROTOCOL = PAPER  # so `python math/eval_gsm8k.py --model PATH` is comparable with the paper's table
 UNRECORDED = "unrecorded"  # results written before protocols were recorded
 
-# The authors' `stop_tokens` (eval_gsm8k.py and eval_math.py, the same ten strings in both, in this order).
+# The authors' `stop_tokens` (eval_gsm8k.py and eval_math.py, the same ten strings in both, in this order). vLLM
+# cut their completions at these; under `paper`, completions read from a predictions file are cut the same way.
 PAPER_STOP_STRINGS = (
     "Question:",
     "Question",
@@ -43,6 +46,17 @@ ROBUST_STOP_STRINGS = ("### Instruction", "Below is an instruction")
 # The size of each full test set as the authors scored it (GSM8K test, all of MATH's test problems, HumanEval+ and
 # MBPP+ v0.2.0 as EvalPlus 0.3.1 loads them).
 FULL_SET_SIZES = {"gsm8k": 1319, "math": 5000, "humaneval": 164, "mbpp": 378, "mt_bench": 80}
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` cut just before the earliest occurrence of any stop string (vLLM's rule, the stop string excluded)."""
+    end = len(text)
+    for stop_string in stop:
+        if stop_string:
+            position = text.find(stop_string)
+            if position != -1:
+                end = min(end, position)
+    return text[:end]
 
 
 def check_protocol(protocol: str) -> str:
@@ -87,4 +101,5 @@ __all__ = [
     "check_full_set",
     "check_protocol",
     "data_record",
+    "truncate_at_stop",
 ]

@@ -1,18 +1,31 @@
-"""Run generated programs against their tests outside the scorer's process, with time and memory limits.
+"""Run generated programs against their tests so that the program can neither write its verdict nor touch the host.
 
-Layout: the scorer starts `workers` helper processes (`python -I -c WORKER_SOURCE`, with a stripped environment
-that holds no API keys). Each helper receives one job at a time as a JSON line and forks a fresh child for it; the
-child moves into a new session and an empty temporary working directory, sets its resource limits
-(`RLIMIT_AS`/`RLIMIT_DATA` memory, `RLIMIT_CPU`, `RLIMIT_FSIZE`, no core files), disables the functions that
-destroy or spawn things (`os.system`, `os.fork`, `os.kill`, `subprocess.Popen`, file removal, opening files for
-writing, ...), runs the program, then each test under its own CPU-time alarm, and reports through a pipe. The
-helper kills the child's whole process group when the job's wall-clock budget is spent. Generated code therefore
-never runs in the scorer's process nor in the helper, and forking a warm helper costs milliseconds where starting a
-Python interpreter per program would cost a fifth of a second.
+Verdict. The program and its tests never share a process. A judge (`sandbox_judge.py`, trusted, outside the
+isolation) runs the task's trusted code (HumanEval's prompt, MBPP's test imports) and the tests; the program's
+functions in the tests' namespace are proxies that send each call as plain data to a solver process
+(`sandbox_solver.py`), which has run the program, and bring back its return value as plain data (or an opaque
+handle that is only truthy or falsy). Every assertion and comparison runs in the judge on values the program cannot
+override (no `__eq__` of its own, no patched builtins, no `os._exit` of the judge), and builtins or trusted names
+are never replaced by the program's. The solver never sees a test, and the channel from the judge to the scorer is
+in a process the program cannot see. So the most a program controlling its whole process can do is claim return
+values, which the tests check. EvalPlus's checker (`evalplus.eval.untrusted_check`, in `code.py`) runs in the judge
+the same way, on a proxy of the entry point.
 
-This mirrors the guard of EvalPlus and OpenAI's human-eval (separate process, resource limits, dangerous functions
-disabled). Like theirs, it is not a security boundary against deliberately malicious code: run untrusted models'
-outputs inside a container or VM.
+Isolation. Each job gets a fresh solver under bubblewrap (`bwrap`): new PID, network, IPC, UTS, mount (and, when
+not run by root, user) namespaces; a fresh /proc that shows only the sandbox's processes; no network; a private
+64 MiB /tmp as working directory; read-only binds of /usr and the Python installation only (homes, data and the
+project are not there); a clean environment; no inherited descriptors; uid/gid 65534 (nobody) with no
+capabilities and no new privileges (under root, bwrap keeps only CAP_SETUID/CAP_SETGID for the solver to drop to
+nobody before it reads the program); and memory, CPU, file-size and process-count (`RLIMIT_NPROC`, so a fork loop
+stops) limits. The solver is bwrap's child in the namespace; killing bwrap at the end of the job kills the
+namespace's init and with it every process the program started. Without bwrap or user namespaces the scorer
+refuses to run (`SandboxUnavailableError`) unless `unsafe_execution=True` (`--unsafe_execution`), which runs the
+solver as a plain child process: the verdict stays unforgeable, but the program can reach the host.
+
+Cost. The judges stay warm (`workers` of them, one job at a time each, a forked child per job); each job starts a
+fresh namespace and interpreter, about 0.1-0.2 s of CPU where forking a warm helper cost milliseconds (40 HumanEval
+canonical solutions on a busy 2-core machine: 3.8 s instead of 0.6 s). A long-lived namespace per worker would be
+cheaper, but a process the program left behind could then reach the next job's solver; a fresh one cannot.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Optional
 
 logger = logging.getLogger(__name__)
@@ -40,6 +54,21 @@ ERROR = "error"  # the sandbox itself failed (helper died); says nothing about t
 
 # Environment variables the helpers keep; everything else (API keys included) is dropped.
 KEPT_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "TZ", "SYSTEMROOT")
+
+JUDGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_judge.py")
+NOBODY = 65534  # the uid and gid programs run as
+SYSTEM_DIRECTORIES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime")
+INSTALL_HINT = (
+    "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; `make install-test` does it) on a kernel that "
+    "allows user namespaces (sysctl user.max_user_namespaces > 0; kernel.unprivileged_userns_clone=1 where it "
+    "exists), or pass --unsafe_execution (unsafe_execution=True) to run generated code without isolation, only "
+    "for code you trust"
+)
+
+
+class SandboxUnavailableError(RuntimeError):
+    """The isolation that generated code needs is not available on this machine."""
 
 
 @dataclass
@@ -54,6 +83,8 @@ class SandboxLimits:
     timeout_per_test: float = 15.0
     memory_mb: int = 4096  # EvalPlus's default (EVALPLUS_MAX_MEMORY_BYTES = 4 GiB)
     max_file_mb: int = 16
+    max_processes: int = 32  # RLIMIT_NPROC for the program's user: a fork loop stops here
+    tmp_mb: int = 64  # the private /tmp
     wall_factor: float = 3.0
     slack_seconds: float = 2.0
 
@@ -68,12 +99,18 @@ class SandboxLimits:
 
 @dataclass
 class ProgramJob:
-    """A program and its tests: `setup` runs after the program (e.g. test imports), then each test in order."""
+    """A program and its tests: `setup` runs after the program (e.g. test imports), then each test in order.
+
+    The tests run in the judge, beside trusted `context` (HumanEval's prompt: its imports and helper functions) and
+    `setup`; the program's `entry_points`, and whatever else the tests use that neither defines, are the program's.
+    """
 
     program: str
     tests: list[str]
     setup: str = ""
     stop_at_first_failure: bool = True
+    context: str = ""
+    entry_points: tuple[str, ...] = ()
 
 
 @dataclass
@@ -93,230 +130,6 @@ class ExecutionResult:
     def to_dict(self) -> dict:
         """A JSON-serialisable copy."""
         return asdict(self)
-
-
-# The helper process. Self-contained (standard library only) because it runs under `python -I -c`, which neither
-# imports this package nor puts any directory on sys.path that could shadow the standard library.
-WORKER_SOURCE = r'''
-import builtins, faulthandler, io, json, os, resource, select, shutil, signal, subprocess, sys, tempfile, time
-import traceback
-
-BASE_DIR = sys.argv[1]
-ERROR_CHARS = 2000
-
-# Imported once here so that forked children find them ready (benchmark programs use them a lot).
-import bisect, collections, copy, datetime, decimal, fractions, functools, hashlib, heapq, itertools, math  # noqa
-import operator, random, re, statistics, string, typing  # noqa
-
-
-class SandboxTimeout(BaseException):
-    """Raised by the per-test alarm; a BaseException so that `except Exception` in the program cannot hide it."""
-
-
-class Sink(io.StringIO):
-    """Swallows the program's output (bounded) and refuses to be read."""
-
-    def write(self, text):
-        return len(text)
-
-    def read(self, *args, **kwargs):
-        raise OSError("stdin is not available in the sandbox")
-
-    readline = readlines = read
-
-
-def alarm(seconds):
-    """Raise SandboxTimeout once this process has used `seconds` more CPU time."""
-    def handler(signum, frame):
-        raise SandboxTimeout("exceeded %.1f CPU seconds" % seconds)
-    signal.signal(signal.SIGPROF, handler)
-    signal.setitimer(signal.ITIMER_PROF, seconds)
-
-
-def disarm():
-    signal.setitimer(signal.ITIMER_PROF, 0)
-
-
-def set_limits(job):
-    memory = int(job["memory_mb"]) * 1024 * 1024
-    for name in ("RLIMIT_AS", "RLIMIT_DATA"):
-        if hasattr(resource, name):
-            resource.setrlimit(getattr(resource, name), (memory, memory))
-    cpu = int(job["cpu_seconds"]) + 2
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    size = int(job["max_file_mb"]) * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def guard():
-    """Disable what could destroy files, spawn processes or signal other processes (as human-eval does)."""
-    faulthandler.disable()
-    real_open = builtins.open
-
-    def read_only_open(file, mode="r", *args, **kwargs):
-        if any(flag in mode for flag in "wax+"):
-            raise PermissionError("writing files is disabled in the sandbox")
-        return real_open(file, mode, *args, **kwargs)
-
-    builtins.open = read_only_open
-    io.open = read_only_open
-    builtins.exit = None
-    builtins.quit = None
-    for name in ("kill", "killpg", "system", "remove", "removedirs", "rmdir", "unlink",
-                 "rename", "renames", "replace", "truncate", "fork", "forkpty", "setuid", "setgid", "chmod",
-                 "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot", "fchdir", "chdir", "execv", "execve",
-                 "execvp", "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnl",
-                 "spawnle", "posix_spawn", "posix_spawnp", "popen", "startfile", "plock", "nice", "setsid"):
-        if hasattr(os, name):
-            setattr(os, name, None)
-    shutil.rmtree = None
-    shutil.move = None
-    shutil.chown = None
-    subprocess.Popen = None
-    subprocess.run = None
-    subprocess.call = None
-    subprocess.check_call = None
-    subprocess.check_output = None
-    for name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
-        sys.modules[name] = None
-
-
-def short_error(error):
-    lines = traceback.format_exception_only(type(error), error)
-    return "".join(lines).strip()[-ERROR_CHARS:]
-
-
-def run_in_child(job):
-    """Define the program, run setup and tests; returns the result dict. Runs in the forked child only."""
-    timeout = float(job["timeout_per_test"])
-    namespace = {"__name__": "__sandbox__", "__builtins__": builtins}
-    results = []
-    sink = Sink()
-    sys.stdin = sys.stdout = sys.stderr = sink
-    try:
-        program = compile(job["program"], "solution.py", "exec")
-    except BaseException as error:
-        return {"status": "failed", "tests_passed": [], "error": "program does not compile: " + short_error(error)}
-    try:
-        alarm(timeout)
-        exec(program, namespace)
-        if job.get("setup"):
-            exec(compile(job["setup"], "setup.py", "exec"), namespace)
-        disarm()
-    except SandboxTimeout as error:
-        return {"status": "timeout", "tests_passed": [], "error": "defining the program: " + str(error)}
-    except BaseException as error:
-        disarm()
-        return {"status": "failed", "tests_passed": [], "error": "defining the program: " + short_error(error)}
-    status, message = "passed", None
-    for index, test in enumerate(job["tests"]):
-        try:
-            code = compile(test, "test_%d.py" % index, "exec")
-            alarm(timeout)
-            exec(code, namespace)
-            disarm()
-            results.append(True)
-        except SandboxTimeout as error:
-            results.append(False)
-            if status == "passed":
-                status, message = "timeout", "test %d: %s" % (index, error)
-        except BaseException as error:
-            disarm()
-            results.append(False)
-            if status == "passed":
-                status, message = "failed", "test %d: %s" % (index, short_error(error) or type(error).__name__)
-        if status != "passed" and job.get("stop_at_first_failure", True):
-            break
-    return {"status": status, "tests_passed": results, "error": message}
-
-
-def child_main(job, write_fd, work_dir):
-    try:
-        os.setsid()
-        os.chdir(work_dir)
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.environ["HOME"] = work_dir
-        os.environ["TMPDIR"] = work_dir
-        set_limits(job)
-        write = os.write
-        guard()
-        result = run_in_child(job)
-        data = json.dumps(result).encode()
-        while data:
-            written = write(write_fd, data)
-            data = data[written:]
-    finally:
-        os._exit(0)
-
-
-def kill_group(pid):
-    for kill in (os.killpg, os.kill):
-        try:
-            kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def run_job(job):
-    work_dir = tempfile.mkdtemp(dir=BASE_DIR)
-    read_fd, write_fd = os.pipe()
-    start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_fd)
-        child_main(job, write_fd, work_dir)
-    os.close(write_fd)
-    deadline = start + float(job["wall_seconds"])
-    chunks, timed_out = [], False
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            timed_out = True
-            break
-        ready, _, _ = select.select([read_fd], [], [], remaining)
-        if not ready:
-            continue
-        chunk = os.read(read_fd, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    kill_group(pid)
-    _, wait_status = os.waitpid(pid, 0)
-    os.close(read_fd)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    seconds = time.monotonic() - start
-    if os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) == signal.SIGXCPU:
-        timed_out = True
-    if timed_out:
-        return {"status": "timeout", "tests_passed": [], "error": "wall-clock limit of %.1f s" % job["wall_seconds"],
-                "seconds": seconds}
-    try:
-        result = json.loads(b"".join(chunks).decode())
-    except ValueError:
-        result = {"status": "failed", "tests_passed": [],
-                  "error": "the program ended the process before the tests finished (exit, crash or memory limit)"}
-    result["seconds"] = seconds
-    return result
-
-
-def main():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            result = run_job(json.loads(line))
-        except Exception as error:
-            result = {"status": "error", "tests_passed": [], "error": "sandbox helper: %r" % (error,), "seconds": 0.0}
-        sys.stdout.write(json.dumps(result) + "\n")
-        sys.stdout.flush()
-
-
-main()
-'''
 
 
 def default_workers() -> int:
@@ -340,19 +153,151 @@ def sandbox_environment() -> dict[str, str]:
     return environment
 
 
-class _Helper:
-    """One helper interpreter running `source`, and the pipe protocol to it (one JSON line per job each way)."""
+@dataclass(frozen=True)
+class Isolation:
+    """How solvers start: the bubblewrap command prefix (empty when unsafe), the uid to drop to, and a description."""
 
-    def __init__(self, source: str, arguments: Sequence[str], cwd: str) -> None:
-        self.source = source
-        self.arguments = list(arguments)
+    prefix: tuple[str, ...]
+    drop_to: Optional[int]
+    unsafe: bool
+    description: str
+
+
+def python_directories() -> list[str]:
+    """The directories of this Python installation (virtual environment and base), as given and resolved."""
+    candidates = [sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix]
+    candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
+    directories = []
+    for path in candidates:
+        for form in (os.path.abspath(path), os.path.realpath(path)):
+            if os.path.isdir(form) and form not in directories:
+                directories.append(form)
+    return directories
+
+
+def read_only_binds() -> list[str]:
+    """bubblewrap arguments that show the system and Python directories read-only, and nothing else of the host."""
+    arguments: list[str] = []
+    for path in SYSTEM_DIRECTORIES:
+        if os.path.islink(path):
+            arguments += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            arguments += ["--ro-bind", path, path]
+    for path in SYSTEM_FILES:
+        if os.path.exists(path):
+            arguments += ["--ro-bind", path, path]
+    covered = [path for path in SYSTEM_DIRECTORIES if os.path.isdir(path)]
+    created: set[str] = set()
+    for path in sorted(python_directories(), key=len):
+        if any(path == done or path.startswith(done.rstrip("/") + "/") for done in covered):
+            continue
+        parents = []
+        parent = os.path.dirname(path)
+        while parent not in ("/", "") and parent not in created:
+            parents.append(parent)
+            parent = os.path.dirname(parent)
+        for parent in reversed(parents):  # bubblewrap would create them 0700, unreadable for the sandbox's user
+            arguments += ["--perms", "0755", "--dir", parent]
+            created.add(parent)
+        arguments += ["--ro-bind", path, path]
+        covered.append(path)
+    return arguments
+
+
+def bubblewrap_prefix(bwrap: str, limits: SandboxLimits) -> tuple[list[str], Optional[int]]:
+    """The bubblewrap command that isolates one solver, and the uid the solver drops to (when run by root)."""
+    command = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net", "--unshare-ipc"]
+    command += ["--unshare-uts", "--unshare-cgroup-try"]
+    if os.geteuid() == 0:  # no user namespace: the solver becomes uid 65534 of the host, with no capabilities
+        command += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        drop_to: Optional[int] = NOBODY
+    else:
+        command += ["--unshare-user", "--disable-userns", "--uid", str(NOBODY), "--gid", str(NOBODY)]
+        drop_to = None
+    command += read_only_binds()
+    command += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(limits.tmp_mb * 1024 * 1024)]
+    command += ["--tmpfs", "/tmp", "--chdir", "/tmp", "--clearenv"]
+    for name, value in {**sandbox_environment(), "PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp"}.items():
+        command += ["--setenv", name, value]
+    return command, drop_to
+
+
+PROBE_SOURCE = """import os, sys
+if len(sys.argv) > 2:
+    os.setgroups([]); os.setgid(int(sys.argv[2])); os.setuid(int(sys.argv[2]))
+print(os.getuid(), os.getpid(), len(os.listdir("/proc/self/fd")))
+"""
+
+
+@lru_cache(maxsize=None)
+def isolation_problem(prefix: tuple[str, ...], drop_to: Optional[int]) -> Optional[str]:
+    """Why solvers cannot start under `prefix` (None when a probe ran isolated, as uid 65534, in a PID namespace)."""
+    drop = ["--drop-to", str(drop_to)] if drop_to is not None else []
+    try:
+        probe = subprocess.run(
+            [*prefix, sys.executable, "-I", "-c", PROBE_SOURCE, *drop],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=sandbox_environment(),
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"starting bubblewrap failed: {error}"
+    fields = probe.stdout.split()
+    if probe.returncode != 0 or len(fields) != 3:
+        return f"bubblewrap failed (exit status {probe.returncode}): {probe.stderr.strip()[-500:] or probe.stdout}"
+    uid, pid, descriptors = (int(field) for field in fields)
+    if uid != NOBODY or pid > 10 or descriptors > 4:
+        return f"the probe ran as uid {uid}, pid {pid}, with {descriptors} descriptors: not isolated"
+    return None
+
+
+def resolve_isolation(limits: SandboxLimits, unsafe_execution: bool = False) -> Isolation:
+    """The isolation solvers run in: bubblewrap when it works here; else no isolation if `unsafe_execution`, else a
+    `SandboxUnavailableError` that says what is missing and what to do."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        problem = "bubblewrap (bwrap) is not installed"
+    else:
+        prefix, drop_to = bubblewrap_prefix(bwrap, limits)
+        problem = isolation_problem(tuple(prefix), drop_to)
+        if problem is None:
+            description = "bubblewrap: new PID, network, mount, IPC and UTS namespaces; uid 65534"
+            return Isolation(tuple(prefix), drop_to, False, description)
+    if unsafe_execution:
+        logger.warning("--unsafe_execution: generated code runs WITHOUT isolation (%s)", problem)
+        return Isolation((), None, True, f"none (--unsafe_execution; {problem})")
+    raise SandboxUnavailableError(
+        f"Generated code cannot be isolated on this machine: {problem}. To score code safely, {INSTALL_HINT}."
+    )
+
+
+def helper_config(isolation: Isolation, work_dir: str) -> str:
+    """The JSON configuration the judge helpers start solvers with."""
+    return json.dumps(
+        {
+            "prefix": list(isolation.prefix),
+            "drop_to": isolation.drop_to,
+            "python": sys.executable,
+            "environment": sandbox_environment(),
+            "work_dir": work_dir,
+        }
+    )
+
+
+class _Helper:
+    """One helper interpreter (`python -I` + `program`), and the pipe protocol to it (one JSON line per job each way)."""
+
+    def __init__(self, program: Sequence[str], cwd: str) -> None:
+        self.program = list(program)
         self.cwd = cwd
         self.process = self._start()
 
     def _start(self) -> subprocess.Popen:
         """Start a fresh helper interpreter (isolated mode, stripped environment, its own session)."""
         return subprocess.Popen(
-            [sys.executable, "-I", "-c", self.source, *self.arguments],
+            [sys.executable, "-I", *self.program],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -394,17 +339,16 @@ class _Helper:
 
 
 class HelperPool:
-    """Up to `workers` helper interpreters running `source`; `map` sends each request to a free one.
+    """Up to `workers` helper interpreters running `program` (`["-c", source, ...]` or `[script, ...]`); `map` sends
+    each request to a free one.
 
     A helper reads one JSON request a line from stdin and answers one JSON line on stdout. Helpers run with
-    `python -I` (no user site, no current directory on sys.path) and `sandbox_environment()` (no secrets).
+    `python -I` (no user site, no script directory or current directory on sys.path) and `sandbox_environment()`
+    (no secrets). They run trusted code only: generated code runs in the solvers they start (see the module).
     """
 
-    def __init__(
-        self, source: str, arguments: Sequence[str] = (), workers: Optional[int] = None, cwd: Optional[str] = None
-    ) -> None:
-        self.source = source
-        self.arguments = list(arguments)
+    def __init__(self, program: Sequence[str], workers: Optional[int] = None, cwd: Optional[str] = None) -> None:
+        self.program = list(program)
         self.workers = max(1, workers or default_workers())
         self.cwd = cwd or tempfile.gettempdir()
         self._helpers: list[_Helper] = []
@@ -416,7 +360,7 @@ class HelperPool:
         if not requests:
             return []
         while len(self._helpers) < min(self.workers, len(requests)):
-            self._helpers.append(_Helper(self.source, self.arguments, self.cwd))
+            self._helpers.append(_Helper(self.program, self.cwd))
         pending: "queue.Queue[int]" = queue.Queue()
         for index in range(len(requests)):
             pending.put(index)
@@ -458,10 +402,13 @@ class HelperPool:
 class Sandbox:
     """A pool of sandbox helpers; `run(jobs)` returns one `ExecutionResult` per job, in order."""
 
-    def __init__(self, limits: Optional[SandboxLimits] = None, workers: Optional[int] = None) -> None:
+    def __init__(
+        self, limits: Optional[SandboxLimits] = None, workers: Optional[int] = None, unsafe_execution: bool = False
+    ) -> None:
         self.limits = limits or SandboxLimits()
+        self.isolation = resolve_isolation(self.limits, unsafe_execution)
         self.base_dir = tempfile.mkdtemp(prefix="tlora-sandbox-")
-        self.pool = HelperPool(WORKER_SOURCE, [self.base_dir], workers, cwd=self.base_dir)
+        self.pool = HelperPool([JUDGE_PATH, helper_config(self.isolation, self.base_dir)], workers, cwd=self.base_dir)
         self.workers = self.pool.workers
 
     def __enter__(self) -> "Sandbox":
@@ -476,10 +423,13 @@ class Sandbox:
             "program": job.program,
             "tests": list(job.tests),
             "setup": job.setup,
+            "context": job.context,
+            "entry_points": list(job.entry_points),
             "stop_at_first_failure": job.stop_at_first_failure,
             "timeout_per_test": self.limits.timeout_per_test,
             "memory_mb": self.limits.memory_mb,
             "max_file_mb": self.limits.max_file_mb,
+            "max_processes": self.limits.max_processes,
             "cpu_seconds": self.limits.cpu_seconds(len(job.tests)),
             "wall_seconds": self.limits.wall_seconds(len(job.tests)),
         }
@@ -510,10 +460,11 @@ def run_programs(
     limits: Optional[SandboxLimits] = None,
     workers: Optional[int] = None,
     progress: bool = True,
+    unsafe_execution: bool = False,
 ) -> list[ExecutionResult]:
     """Run `jobs` in a fresh sandbox pool and return one result per job (see `Sandbox`)."""
     started = time.monotonic()
-    with Sandbox(limits, workers) as sandbox:
+    with Sandbox(limits, workers, unsafe_execution) as sandbox:
         results = sandbox.run(jobs, progress=progress)
     logger.info("Ran %d programs in %.1f s on %d workers", len(jobs), time.monotonic() - started, sandbox.workers)
     return results
@@ -526,10 +477,14 @@ __all__ = [
     "TIMEOUT",
     "ExecutionResult",
     "HelperPool",
+    "Isolation",
     "ProgramJob",
     "Sandbox",
     "SandboxLimits",
+    "SandboxUnavailableError",
     "default_workers",
+    "helper_config",
+    "resolve_isolation",
     "run_programs",
     "sandbox_environment",
 ]

@@ -2,7 +2,15 @@
 nlu_train.py): one data pipeline, prompt, method table and Trainer glue for every method the paper compares."""
 
 from ..rows import DataFormatError
-from .arguments import METHODS, DataArguments, MethodArguments, ModelArguments, TaskDefaults, build_parser
+from .arguments import (
+    METHODS,
+    DataArguments,
+    MethodArguments,
+    ModelArguments,
+    TaskDefaults,
+    TLoRATrainingArguments,
+    build_parser,
+)
 from .core import main, parse_training_arguments, train
 from .data import PaddingCollator, tokenize_instructions
 from .methods import METHOD_BUILDERS
@@ -17,6 +25,7 @@ __all__ = [
     "ModelArguments",
     "PaddingCollator",
     "RUN_RECORD_FILE",
+    "TLoRATrainingArguments",
     "TaskDefaults",
     "build_parser",
     "main",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -61,6 +63,26 @@ class ModelArguments:
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("--load_in_4bit and --load_in_8bit exclude each other; pass one of them")
+        check_model_location("--base_model", self.base_model)
+        if self.tokenizer:
+            check_model_location("--tokenizer", self.tokenizer)
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+def check_model_location(option: str, value: str) -> None:
+    """Raise when `value` is written as a local path (or names a file) but is not a folder on this machine."""
+    path = os.path.expanduser(value)
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise ValueError(f"{option} {value}: this is a file, not a model folder; pass the folder that holds config.json")
+    if value.startswith((".", "/", "~")) or not HUB_ID.match(value):
+        raise ValueError(
+            f"{option} {value}: no such folder on this machine, and it is not a Hugging Face hub id ('org/name'); "
+            "check the path"
+        )
 
 
 @dataclass
@@ -95,7 +117,8 @@ class DataArguments:
     cutoff_len: int = field(default=512, metadata={"help": "Truncate every tokenized example to this many tokens."})
     eval_split: Optional[str] = field(
         default=None,
-        metadata={"help": "Split (hub) or file (local) to evaluate on at the end; nlu_train.py reports accuracy."},
+        metadata={"help": "Split (hub) or file (local) to evaluate on at the end; nlu_train.py reports accuracy. "
+                  "Several as NAME=SPLIT,NAME=SPLIT: metrics eval_NAME_loss, ... in the run record."},
     )
 
 
@@ -156,6 +179,13 @@ class MethodArguments:
         default=None, metadata={"help": "TLoRA: trainable-parameter budget instead of a rank budget."}
     )
     min_rank: int = field(default=0, metadata={"help": "TLoRA: smallest rank a module may receive (0: may be dropped)."})
+    max_rank: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "TLoRA: largest rank a module may receive, the excess going to the others (e.g. 128 to serve the "
+            "adapter unmerged with vLLM --max-lora-rank 128). Default: no cap but min(out, in)."
+        },
+    )
     allocate_scales: bool = field(default=True, metadata={"help": "TLoRA: allocate per-module scales alpha_l."})
     sensitivity: str = field(
         default="per_sample",
@@ -238,7 +268,27 @@ class TaskDefaults:
     description: str = ""
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, MethodArguments, TrainingArguments)
+@dataclass
+class TLoRATrainingArguments(TrainingArguments):
+    """`transformers.TrainingArguments` with the output-folder guard's flag (transformers 5 dropped its own) and a
+    positive batch size checked at parsing."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Write this run into an --output_dir that already holds another run (run record, adapter, plan "
+            "or checkpoints); without it such a folder is refused unless --resume_from_checkpoint is given."
+        },
+    )
+
+    def __post_init__(self):
+        for option in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, option) <= 0:
+                raise ValueError(f"--{option} must be a positive number of examples, got {getattr(self, option)}")
+        super().__post_init__()
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, MethodArguments, TLoRATrainingArguments)
 
 
 def paper_defaults(**overrides: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,8 @@ import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..constants import MERGED_DIR, RUN_RECORD_FILE
+from ..constants import MERGED_DIR, PLAN_FILE, RUN_RECORD_FILE, TLORA_INIT_FILE
+from ..outputs import MERGED_STAGING_DIR, STAGING_DIR, OutputFolderError, build_manifest, publish_staged, run_artifacts
 from ..rows import RowSource, is_local_path, load_rows
 from .arguments import (
     DataArguments,
@@ -270,7 +272,7 @@ class TaskData:
     source: RowSource
     build: Callable[..., ExampleDataset]
     train: ExampleDataset
-    evaluation: Optional[ExampleDataset]
+    evaluation: Optional[ExampleDataset | dict[str, ExampleDataset]]
     labels: Optional[list[Any]]
     origin: str
 
@@ -283,6 +285,24 @@ def _load_split(data_args: DataArguments, split_or_file: str, max_samples: Optio
     return load_rows(data_args.data_path, hub_config=data_args.dataset_config, hub_split=split_or_file, max_samples=max_samples)
 
 
+def evaluation_splits(value: Optional[str]) -> dict[str, str]:
+    """--eval_split as {name: split or file}: one unnamed split (name ""), or `name=split,name=split` (metrics
+    `eval_<name>_loss`, ...)."""
+    if not value:
+        return {}
+    if "=" not in value:
+        return {"": value}
+    splits = {}
+    for item in value.split(","):
+        name, _, split = item.partition("=")
+        name, split = name.strip(), split.strip()
+        if not name.isidentifier() or not split or name in splits:
+            raise ValueError(f"--eval_split {value!r}: {item!r} is not NAME=SPLIT_OR_FILE with a new NAME made of "
+                             "letters, digits and underscores (or give one split without a name)")
+        splits[name] = split
+    return splits
+
+
 def build_task_data(
     task: TaskDefaults, data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, show_progress: bool
 ) -> TaskData:
@@ -293,7 +313,7 @@ def build_task_data(
         hub_split=data_args.dataset_split,
         max_samples=data_args.max_samples,
     )
-    evaluation_source = _load_split(data_args, data_args.eval_split, None) if data_args.eval_split else None
+    evaluation_sources = {name: _load_split(data_args, split, None) for name, split in evaluation_splits(data_args.eval_split).items()}
     if task.kind == SEQUENCE_CLASSIFICATION:
         fields = ClassificationFields.from_arguments(data_args.dataset_field)
         labels = label_names(source, fields.label)
@@ -307,7 +327,9 @@ def build_task_data(
             build_instruction_dataset, fields=instruction_fields, tokenizer=tokenizer, cutoff_len=data_args.cutoff_len
         )
     train = build(source, show_progress=show_progress)
-    evaluation = build(evaluation_source, show_progress=show_progress) if evaluation_source is not None else None
+    evaluation = {name: build(rows, show_progress=show_progress) for name, rows in evaluation_sources.items()} or None
+    if evaluation is not None and list(evaluation) == [""]:
+        evaluation = evaluation[""]  # one unnamed split: the Trainer's plain `eval_*` metrics
     logger.info("Training on %d examples from %s.", len(train), source.origin)
     return TaskData(source, build, train, evaluation, labels, source.origin)
 
@@ -416,19 +438,62 @@ def resolve_resume(training_args: TrainingArguments) -> Optional[str]:
     return str(value)
 
 
-def save_outputs(trainer: Trainer, built, tokenizer, method: str, output_dir: Path) -> None:
+def check_output_dir(training_args: TrainingArguments, resume: Optional[str]) -> None:
+    """Refuse an output folder that holds another run's files, unless this run resumes or --overwrite_output_dir."""
+    output_dir = Path(training_args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputFolderError(f"--output_dir {output_dir} is a file, not a folder; pass a folder for the run's outputs")
+    found = run_artifacts(output_dir)
+    if not found or resume is not None:
+        return
+    if getattr(training_args, "overwrite_output_dir", False):
+        logger.warning("--overwrite_output_dir: %s holds another run (%s); this run writes over it.", output_dir, ", ".join(found))
+        return
+    raise OutputFolderError(
+        f"--output_dir {output_dir} already holds another run: {', '.join(found)}. Pass --resume_from_checkpoint "
+        "true (or a checkpoint folder) to continue that run, --overwrite_output_dir to write this run over it, or "
+        "choose another --output_dir"
+    )
+
+
+def _save_final(trainer: Trainer, built, tokenizer, method: str, directory: Path) -> None:
     """Write the final adapter (converted for the original base when the method modified it) and the tokenizer."""
     if method in BASE_MODIFYING_METHODS and built.initial_adapter_dir is not None:
         # PEFT's conversion: delta W = B A - B0 A0 as a LoRA adapter of rank 2r for the *original* base weights.
         trainer.model.save_pretrained(
-            str(output_dir),
+            str(directory),
             path_initial_model_for_weight_conversion=str(built.initial_adapter_dir),
             is_main_process=trainer.args.should_save,
         )
         if trainer.args.should_save:
-            tokenizer.save_pretrained(str(output_dir))
+            tokenizer.save_pretrained(str(directory))
     else:
-        trainer.save_model(str(output_dir))
+        trainer.save_model(str(directory))
+
+
+def final_manifest(staging: Path, built, method: str, output_dir: Path) -> dict[str, Any]:
+    """The manifest of the final save: digests of the staged files (and of TLoRA's plan and initial A), the method
+    and, for TLoRA, the fingerprint of the base weights the adapter was trained on."""
+    files: dict[str, Path] = {entry.name: entry for entry in staging.iterdir() if entry.is_file()}
+    fields: dict[str, Any] = {"method": method}
+    if built.plan is not None:
+        files.update({name: output_dir / name for name in (PLAN_FILE, TLORA_INIT_FILE) if (output_dir / name).is_file()})
+        fields["base_fingerprint"] = built.details.get("base_fingerprint")
+        fields["base_quantized"] = bool(built.details.get("base_quantized", False))
+    return build_manifest(files, **fields)
+
+
+def save_outputs(trainer: Trainer, built, tokenizer, method: str, output_dir: Path) -> None:
+    """Save the final adapter and tokenizer into a staging folder inside `output_dir`, then move the files into place
+    with the manifest last (tlora.outputs), so that a killed save is detected instead of leaving a mixed folder."""
+    staging = output_dir / STAGING_DIR
+    if trainer.args.should_save and staging.exists():
+        shutil.rmtree(staging)  # left by a save that was killed
+    trainer.accelerator.wait_for_everyone()
+    _save_final(trainer, built, tokenizer, method, staging)
+    trainer.accelerator.wait_for_everyone()  # every rank is done with the staging folder before it is emptied
+    if trainer.args.should_save:
+        publish_staged(staging, output_dir, final_manifest(staging, built, method, output_dir))
     trainer.accelerator.wait_for_everyone()
 
 
@@ -438,11 +503,17 @@ def save_merged(trainer: Trainer, tokenizer, output_dir: Path) -> Path:
 
     directory = output_dir / MERGED_DIR
     if trainer.args.should_save:
+        staging = output_dir / MERGED_STAGING_DIR  # renamed to merged/ once complete
+        if staging.exists():
+            shutil.rmtree(staging)
         model = trainer.accelerator.unwrap_model(trainer.model)
         merged = model.merge_and_unload() if isinstance(model, PeftModel) else model
         merged.config.use_cache = True
-        merged.save_pretrained(str(directory), safe_serialization=True)
-        tokenizer.save_pretrained(str(directory))
+        merged.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
     trainer.accelerator.wait_for_everyone()
     return directory
 
@@ -466,6 +537,7 @@ def train(
     logger.info("Training with a %s.", describe_global_batch(training_args))
     output_dir = Path(training_args.output_dir)
     resume = resolve_resume(training_args)
+    check_output_dir(training_args, resume)
     set_seed(training_args.seed)
 
     with training_args.main_process_first(desc="loading the tokenizer and data"):  # one download, then the cache

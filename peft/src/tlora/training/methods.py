@@ -48,7 +48,8 @@ from .. import (
 )
 from ..constants import INITIAL_ADAPTER_DIR, PLAN_FILE, TLORA_INIT_FILE
 from ..initialization import digest_lora_A
-from ..targets import weight_fingerprint
+from ..model import modules_fingerprint
+from ..outputs import atomic_save_safetensors
 from .adalora import AdaLoraCallback, OrthogonalRegulariserScale, adalora_schedule
 from .arguments import MethodArguments
 from .callbacks import TLoRAGuardCallback
@@ -458,6 +459,7 @@ def tlora_config(context: MethodContext):
         rank_budget=arguments.rank_budget,
         parameter_budget=arguments.parameter_budget,
         min_rank=arguments.min_rank,
+        max_rank=arguments.max_rank,
         allocate_scales=arguments.allocate_scales,
         sensitivity=arguments.sensitivity,
         svd_method=arguments.svd_method,
@@ -466,12 +468,24 @@ def tlora_config(context: MethodContext):
 
 
 def base_weights_fingerprint(model: torch.nn.Module, config) -> str:
-    """A digest of the target weights of the base model (names, shapes, strided samples of the values)."""
-    digest = hashlib.sha256()
-    for target in find_target_modules(model, config):
-        digest.update(target.name.encode())
-        digest.update(weight_fingerprint(target.module.weight).encode())
-    return digest.hexdigest()
+    """A digest of the target weights of the base model (names and `tlora.targets.weight_fingerprint` of each)."""
+    return modules_fingerprint(model, [target.name for target in find_target_modules(model, config)])
+
+
+def check_resumed_targets(model: torch.nn.Module, config, plan: TLoRAPlan, plan_path: Path, given: list[str]) -> None:
+    """Raise when --target_modules selects other modules than the plan of the run being resumed."""
+    selected = [target.name for target in find_target_modules(model, config)]
+    planned = [module.name for module in plan.modules]
+    if set(selected) == set(planned):
+        return
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in planned})
+    only_plan, only_given = sorted(set(planned) - set(selected)), sorted(set(selected) - set(planned))
+    raise ValueError(
+        f"--target_modules {','.join(given)} differs from the targets of the checkpoint's run: its plan ({plan_path}) "
+        f"adapts {len(planned)} modules of types {','.join(suffixes)}, these targets select {len(selected)} "
+        f"(only in the plan: {only_plan[:2]}, only here: {only_given[:2]}). Resume with the original run's targets, "
+        f"e.g. --target_modules {','.join(suffixes)}"
+    )
 
 
 def _load_initial_A(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -487,12 +501,9 @@ def build_tlora(context: MethodContext) -> BuiltMethod:
     The plan and the initial A are written to output_dir (tlora_plan.json, tlora_init.safetensors, the latter with a
     fingerprint of the base weights); a resumed run rebuilds the same adapter from them without calibrating again.
     """
-    from safetensors.torch import save_file
-
     config = tlora_config(context)
     plan_path = context.output_dir / PLAN_FILE
     init_path = context.output_dir / TLORA_INIT_FILE
-    fingerprint = base_weights_fingerprint(context.model, config)
     start = time.perf_counter()
     if context.resume:
         if not (plan_path.is_file() and init_path.is_file()):
@@ -501,6 +512,8 @@ def build_tlora(context: MethodContext) -> BuiltMethod:
                 "by the run that made the checkpoint); without them A cannot be rebuilt bit for bit"
             )
         plan = TLoRAPlan.load(plan_path)
+        check_resumed_targets(context.model, config, plan, plan_path, context.arguments.target_modules)
+        fingerprint = base_weights_fingerprint(context.model, config)
         lora_A, metadata = _load_initial_A(init_path)
         if metadata.get("base_fingerprint") not in (None, fingerprint):
             raise ValueError(
@@ -512,6 +525,7 @@ def build_tlora(context: MethodContext) -> BuiltMethod:
         logger.info("Rebuilt the TLoRA adapter from %s and %s (no calibration).", plan_path, init_path)
         calibrated = False
     else:
+        fingerprint = base_weights_fingerprint(context.model, config)
         calibration = _require_calibration(context)
         model = get_tlora_model(
             context.model,
@@ -529,7 +543,7 @@ def build_tlora(context: MethodContext) -> BuiltMethod:
         if context.is_main_process:
             write_plan_reports(plan, context.output_dir)
             metadata = {"format": "tlora-initial-A", "digest": digest_lora_A(lora_A).hex(), "base_fingerprint": fingerprint}
-            save_file(lora_A, str(init_path), metadata=metadata)
+            atomic_save_safetensors(lora_A, init_path, metadata=metadata)
         calibrated = True
     seconds = time.perf_counter() - start
     if context.is_main_process:
@@ -542,6 +556,7 @@ def build_tlora(context: MethodContext) -> BuiltMethod:
         details={
             "lora_A_digest": digest_lora_A(lora_A).hex(),
             "base_fingerprint": fingerprint,
+            "base_quantized": bool(getattr(context.model, "is_quantized", False)),
             "total_rank": plan.total_rank,
             "plan_trainable_parameters": plan.trainable_parameters,
             "lora_trainable_parameters": plan.lora_trainable_parameters,

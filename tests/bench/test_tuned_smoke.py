@@ -1,0 +1,78 @@
+"""The tuned comparison (`bench/tuned.py`): its learning-rate schedule (pure logic on recorded runs) and an end-to-end
+run on a tiny random Llama through the task scripts, resumed with one more seed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_bench_smoke import _check_header, _check_targets, _load, _run_bench
+
+CONFIG = {"learning_rates": [1e-4, 1e-3], "lr_step": 10.0, "max_widen": 2, "seeds": 2}
+
+
+def _run(method: str, rate: float, loss: float, seed: int = 0, task: str = "math") -> dict:
+    return {"task": task, "method": method, "learning_rate": rate, "seed": seed, "validation_loss": loss}
+
+
+def test_grid_widens_past_the_edge_where_the_best_rate_sits_and_no_further_than_allowed():
+    tuned = _load("tuned")
+    runs = [_run("lora", 1e-4, 2.0), _run("lora", 1e-3, 1.0)]  # best at the upper edge
+    assert tuned.grid_of(runs, "math", "lora", CONFIG) == [1e-4, 1e-3, 1e-2]
+    assert tuned.chosen_rate(runs, "math", "lora", CONFIG) is None  # 1e-2 not run yet
+    runs.append(_run("lora", 1e-2, 0.5))  # still the edge: one more step up
+    assert tuned.grid_of(runs, "math", "lora", CONFIG) == [1e-4, 1e-3, 1e-2, 1e-1]
+    runs.append(_run("lora", 1e-1, 0.4))  # edge again, but max_widen = 2 is spent
+    assert tuned.grid_of(runs, "math", "lora", CONFIG) == [1e-4, 1e-3, 1e-2, 1e-1]
+    assert tuned.chosen_rate(runs, "math", "lora", CONFIG) == 1e-1
+    interior = [_run("tlora", 1e-4, 2.0), _run("tlora", 1e-3, 3.0), _run("tlora", 1e-5, 2.5)]
+    assert tuned.grid_of(interior, "math", "tlora", CONFIG) == [1e-5, 1e-4, 1e-3]  # widened down once, then interior
+    assert tuned.chosen_rate(interior, "math", "tlora", CONFIG) == 1e-4
+
+
+def test_schedule_runs_the_base_then_the_grid_then_the_seeds_at_the_chosen_rate():
+    tuned = _load("tuned")
+    todo = tuned.next_runs([], ["math"], ["lora"], CONFIG)
+    assert todo == [("math", "base", 0.0, 0), ("math", "lora", 1e-4, 0), ("math", "lora", 1e-3, 0)]
+    runs = [_run("base", 0.0, 3.0), _run("lora", 1e-4, 1.0), _run("lora", 1e-3, 1.5), _run("lora", 1e-5, 1.2)]
+    assert tuned.next_runs(runs, ["math"], ["lora"], CONFIG) == [("math", "lora", 1e-4, 1)]
+    runs.append(_run("lora", 1e-4, 1.1, seed=1))
+    assert tuned.next_runs(runs, ["math"], ["lora"], CONFIG) == []
+
+
+def test_tuned_part_reports_test_numbers_at_each_chosen_rate_and_resumes(tmp_path, shared_data):
+    _run_bench(tmp_path, "--parts", "tuned", "--methods", "lora,tlora", "--seeds", "1")
+    first = json.loads((tmp_path / "tuned.json").read_text())
+    _check_header(first, "tuned")
+    config, runs = first["config"], first["runs"]
+    for run in runs:
+        assert run["global_step"] == (1 if run["method"] == "base" else config["max_steps"])
+        assert run["validation_loss"] > 0 and run["test_loss"] > 0 and run["general_loss"] > 0
+        assert ("accuracy" in run) == (run["task"] == "math")
+    for task in ("math", "commonsense"):
+        base = next(r for r in runs if r["task"] == task and r["method"] == "base")
+        assert base["learning_rate"] == 0.0
+        for method in ("lora", "tlora"):
+            cell = first["table"][task][method]
+            grid = {r["learning_rate"]: r["validation_loss"] for r in runs
+                    if r["task"] == task and r["method"] == method and r["seed"] == 0}
+            assert len(grid) >= len(config["learning_rates"])
+            assert cell["learning_rate"] == min(grid, key=grid.get)
+            chosen = [r for r in runs if r["task"] == task and r["method"] == method
+                      and r["learning_rate"] == cell["learning_rate"]]
+            assert cell["test_loss_mean"] == pytest.approx(sum(r["test_loss"] for r in chosen) / len(chosen))
+            assert cell["forgetting_mean"] == pytest.approx(chosen[0]["general_loss"] - base["general_loss"])
+        assert first["table"][task]["tlora"]["parameters_over_lora"] < 0.6
+    _check_targets(first["targets"])
+    assert "Tuned comparison" in (tmp_path / "SUMMARY.md").read_text()
+
+    _run_bench(tmp_path, "--parts", "tuned", "--methods", "lora,tlora", "--seeds", "2")
+    second = json.loads((tmp_path / "tuned.json").read_text())
+    assert second["runs"][: len(runs)] == runs  # nothing redone
+    added = second["runs"][len(runs):]
+    assert sorted((r["task"], r["method"], r["seed"]) for r in added) == [
+        ("commonsense", "lora", 1), ("commonsense", "tlora", 1), ("math", "lora", 1), ("math", "tlora", 1)]
+    for run in added:
+        assert run["learning_rate"] == first["table"][run["task"]][run["method"]]["learning_rate"]
+    assert len(second["commands"]) == 2
