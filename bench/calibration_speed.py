@@ -106,8 +106,8 @@ def statistics_products() -> Callable[[torch.nn.Module, list[dict]], object]:
     and each `W C` cross product of the layout `compute_statistics` chooses, over random rows as many as the batch's
     valid tokens (the same shapes and `StatisticSums` calls as during calibration; no forward, no backward)."""
     from tlora import TLoRAConfig
-    from tlora.calibration import probe_layout
-    from tlora.hooks import StatisticSums
+    from tlora.calibration.layout import probe_layout
+    from tlora.calibration.hooks import StatisticSums
     from tlora.targets import find_target_modules
 
     prepared: dict = {}

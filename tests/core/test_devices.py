@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tlora import CalibrationError, TLoRAConfig, compute_statistics, find_target_modules, get_tlora_model
-from tlora.devices import place_statistics, statistics_devices
-from tlora.hooks import BatchState
+from tlora.calibration.statistics import place_statistics, statistics_devices
+from tlora.calibration.batch_state import BatchState
 from conftest import LLAMA_TARGETS, pad_batches
 
 META = torch.device("meta")

@@ -8,7 +8,7 @@ import torch
 
 from conftest import LLAMA_TARGETS, pad_batches
 from tlora import TLoRAConfig, compute_statistics
-from tlora import calibration
+from tlora.calibration import sensitivity as calibration
 
 
 def _config():

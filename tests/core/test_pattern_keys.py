@@ -7,7 +7,7 @@ from torch import nn
 
 from tlora import TLoRAConfig
 from tlora.allocation import ModuleInfo, derive_plan
-from tlora.model import apply_plan
+from tlora.pipeline import apply_plan
 
 
 class Block(nn.Module):

@@ -8,20 +8,13 @@ The three steps are also callable on their own: `compute_statistics` -> `plan_fr
 """
 
 from .allocation import BudgetError, ModulePlan, TLoRAPlan, allocate_ranks, allocate_scales, derive_plan
-from .calibration import compute_statistics
-from .calibration_statistics import TLoRAStatistics
+from .calibration import TLoRAStatistics, compute_statistics
 from .config import TLoRAConfig
 from .errors import CalibrationError, DecompositionError, NonFiniteCalibrationError, StatisticsMismatchError
 from .export import AdapterExportError, VLLMCompatibilityError, check_vllm_compatible, export_for_vllm
 from .initialization import compute_lora_A, projector_distance, top_right_singular_vectors
-from .model import (
-    PLAN_FILE_NAME,
-    TLoRAModel,
-    apply_plan,
-    get_tlora_model,
-    load_tlora_model,
-    plan_from_statistics,
-)
+from .model import PLAN_FILE_NAME, TLoRAModel
+from .pipeline import apply_plan, get_tlora_model, load_tlora_model, plan_from_statistics
 from .plan_report import format_plan_table, save_plan_heatmap, write_plan_reports
 from .targets import find_target_modules
 

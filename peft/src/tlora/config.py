@@ -11,8 +11,8 @@ from typing import Literal, Optional
 from peft import LoraConfig
 
 from .allocation import BudgetError, check_max_rank
+from .calibration.sensitivity import PER_SAMPLE, SensitivityMode, check_sensitivity_mode
 
-SENSITIVITY_MODES = ("per_sample", "batch")
 SVD_METHODS = ("gram", "exact", "randomized")
 STATISTICS_DTYPES = ("float32", "float64")
 
@@ -77,8 +77,8 @@ class TLoRAConfig(LoraConfig):
         },
     )
     freeze_lora_A: bool = field(default=True, metadata={"help": "Keep A frozen at its SVD initialisation (train B only)."})
-    sensitivity: Literal["per_sample", "batch"] = field(
-        default="per_sample",
+    sensitivity: SensitivityMode = field(
+        default=PER_SAMPLE,
         metadata={
             "help": "'per_sample': mean|W * dl_s/dW| per sample, averaged (the method's definition, at any batch "
             "size). 'batch': |W * grad| of each micro-batch's loss, an approximation that is cheaper at large batches."
@@ -126,8 +126,7 @@ class TLoRAConfig(LoraConfig):
                 "(/ sqrt(r) with use_rslora), so 0 switches the adapters off and a negative value flips their sign; "
                 "use e.g. lora_alpha = r or 2 r."
             )
-        if self.sensitivity not in SENSITIVITY_MODES:
-            raise ValueError(f"sensitivity must be one of {SENSITIVITY_MODES}, got {self.sensitivity!r}.")
+        check_sensitivity_mode(self.sensitivity)
         if self.svd_method not in SVD_METHODS:
             raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}.")
         if self.statistics_dtype not in STATISTICS_DTYPES:

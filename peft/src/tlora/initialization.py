@@ -10,7 +10,7 @@ import torch
 
 from . import distributed
 from .allocation import TLoRAPlan
-from .calibration_statistics import TLoRAStatistics
+from .calibration import TLoRAStatistics
 from .errors import DecompositionError
 from .targets import TargetModule, check_readable_weights
 

@@ -1,10 +1,12 @@
-"""`TLoRAModel` and the one-call entry point `get_tlora_model`.
+"""`TLoRAModel`, PEFT's LoRA tuner carrying TLoRA adapters, and the checks of a saved TLoRA adapter folder (its plan,
+ranks, manifest and the fingerprint of the base weights it was trained on).
 
 TLoRA is LoRA with a task-aware start: the plan is expressed as a standard `LoraConfig` (explicit target modules,
 `rank_pattern`, `alpha_pattern`), PEFT builds its own LoRA layers from it, and TLoRA then writes A, zeroes B and
 declares A frozen through PEFT's per-layer `frozen_peft_weight_names`, which `set_adapter`, `set_requires_grad`,
 `enable_adapter_layers` and `_mark_only_adapters_as_trainable` all honour. Nothing of PEFT is copied or replaced, so
-saving, loading, merging and DeepSpeed behave as for any LoRA adapter.
+saving, loading, merging and DeepSpeed behave as for any LoRA adapter. The steps that build or load such a model are
+in pipeline.py.
 """
 
 from __future__ import annotations
@@ -12,54 +14,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 
-from . import distributed
-from .allocation import ModuleInfo, TLoRAPlan, check_parameter_budget, derive_plan
-from .calibration import check_same_base_weights, compute_statistics, resolve_statistics_device
-from .calibration_statistics import TLoRAStatistics
-from .config import TLoRAConfig
+from .allocation import TLoRAPlan
 from .constants import ADAPTER_MANIFEST_FILE, PLAN_FILE, TLORA_INIT_FILE
-from .devices import place_statistics
-from .errors import CalibrationError, StatisticsMismatchError
-from .initialization import compute_lora_A, digest_lora_A
 from .outputs import AdapterFolderError, check_manifest
-from .statistics_cache import cached_statistics
-from .targets import check_readable_weights, find_target_modules, weight_fingerprint
+from .targets import weight_fingerprint
 
 logger = logging.getLogger(__name__)
 
 PLAN_FILE_NAME = PLAN_FILE  # public name kept: `from tlora import PLAN_FILE_NAME`
-
-
-def plan_from_statistics(statistics: TLoRAStatistics, config: TLoRAConfig) -> TLoRAPlan:
-    """Step 2: the plan (ranks and scales) that `config`'s budget gives for these statistics."""
-    modules = [
-        ModuleInfo(record.name, record.out_features, record.in_features, statistics.sensitivity(record.name))
-        for record in statistics.modules
-    ]
-    return derive_plan(
-        modules,
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        rank_budget=config.rank_budget,
-        parameter_budget=config.parameter_budget,
-        min_rank=config.min_rank,
-        max_rank=config.max_rank,
-        allocate_scales_=config.allocate_scales,
-        use_rslora=config.use_rslora,
-        freeze_lora_A=config.freeze_lora_A,
-        sensitivity_mode=statistics.sensitivity_mode,
-        num_samples=statistics.num_sensitivity_samples,
-    )
 
 
 def _register_frozen_lora_A(layer: LoraLayer, adapter_name: str) -> None:
@@ -140,96 +111,6 @@ class TLoRAModel(LoraModel):
         """Declare A of `adapter_name` frozen on every layer (used after loading a saved adapter)."""
         for layer in self.lora_layers(adapter_name).values():
             _register_frozen_lora_A(layer, adapter_name)
-
-
-def apply_plan(
-    model: torch.nn.Module,
-    plan: TLoRAPlan,
-    lora_A: Mapping[str, torch.Tensor] | TLoRAStatistics,
-    config: TLoRAConfig,
-    *,
-    adapter_name: str = "default",
-    autocast_adapter_dtype: bool = True,
-    show_progress: bool = True,
-) -> PeftModel:
-    """Step 3: wrap `model` in a PEFT LoRA model built from `plan`, with A given directly ({module name: A}) or
-    computed from `TLoRAStatistics` (top right singular vectors of W C), and B = 0."""
-    if isinstance(lora_A, TLoRAStatistics):
-        lora_A = compute_lora_A(
-            find_target_modules(model, config),
-            lora_A,
-            plan,
-            method=config.svd_method,
-            oversampling=config.svd_oversampling,
-            niter=config.svd_niter,
-            show_progress=show_progress,
-        )
-    lora_config = config.to_lora_config(plan, module_names=[name for name, _ in model.named_modules()])
-    peft_model = get_peft_model(
-        model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
-    )
-    tuner = TLoRAModel.adopt(peft_model.base_model)
-    tuner.initialize_tlora_adapter(adapter_name, plan, lora_A)
-    return peft_model
-
-
-def get_tlora_model(
-    model: torch.nn.Module,
-    config: TLoRAConfig,
-    calibration_data: Optional[Iterable[Mapping[str, torch.Tensor]]] = None,
-    *,
-    statistics: Optional[TLoRAStatistics] = None,
-    statistics_cache: Optional[str | Path] = None,
-    calibration_seed: Optional[int] = None,
-    calibration_cutoff_len: Optional[int] = None,
-    adapter_name: str = "default",
-    autocast_adapter_dtype: bool = True,
-    show_progress: bool = True,
-) -> PeftModel:
-    """Calibrate, allocate and initialise in one call; returns a `peft.PeftModel` whose tuner is a `TLoRAModel`.
-
-    Statistics come from `statistics` if given, else from `statistics_cache` if that safetensors file exists on rank
-    0 (it is written after a fresh calibration pass, with a digest of the rows and `calibration_seed` /
-    `calibration_cutoff_len`, and reused only for the same ones), else from a calibration pass over
-    `calibration_data`. The plan is available as `model.base_model.tlora_plan(adapter_name)`.
-    """
-    if not isinstance(config, TLoRAConfig):
-        raise TypeError(f"config must be a TLoRAConfig, got {type(config).__name__}")
-    targets = find_target_modules(model, config)
-    check_readable_weights(targets)
-    shapes = [(t.name, t.out_features, t.in_features) for t in targets]
-    check_parameter_budget(config.parameter_budget, shapes, config.freeze_lora_A)  # before the calibration pass
-    if statistics is not None or statistics_cache is not None:
-        check_same_base_weights(targets)  # a calibration pass checks them itself
-    if statistics is not None:
-        distributed.run_agreed(lambda: statistics.check_matches(targets))
-    elif statistics_cache is not None:
-        statistics = cached_statistics(
-            model, calibration_data, config, targets, statistics_cache, seed=calibration_seed,
-            cutoff_len=calibration_cutoff_len, show_progress=show_progress,
-        )
-        # A loaded cache is on the CPU: each statistic goes to its module's device (or config.statistics_device).
-        statistics = place_statistics(statistics, targets, resolve_statistics_device(config))
-    else:
-        if calibration_data is None:
-            raise CalibrationError("get_tlora_model needs calibration_data (or statistics / a statistics_cache file)")
-        statistics = compute_statistics(model, calibration_data, config, targets=targets, show_progress=show_progress)
-    plan = plan_from_statistics(statistics, config)
-    # Every rank derives the plan from all-reduced sums; rank 0's copy is authoritative and the others must agree.
-    plan = TLoRAPlan.from_dict(distributed.broadcast_json(plan.to_dict(), src=0))
-    lora_A = compute_lora_A(
-        targets,
-        statistics,
-        plan,
-        method=config.svd_method,
-        oversampling=config.svd_oversampling,
-        niter=config.svd_niter,
-        show_progress=show_progress,
-    )
-    distributed.check_identical_across_ranks(plan.to_json().encode() + digest_lora_A(lora_A), "the TLoRA plan and A")
-    return apply_plan(
-        model, plan, lora_A, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
-    )
 
 
 def modules_fingerprint(model: torch.nn.Module, names: Sequence[str]) -> str:
@@ -318,47 +199,16 @@ def _check_manifest_method(adapter_path: Path, manifest: Optional[dict]) -> None
         )
 
 
-def load_tlora_model(
-    model: torch.nn.Module,
-    adapter_path: str | Path,
-    *,
-    adapter_name: str = "default",
-    is_trainable: bool = False,
-    freeze_lora_A: Optional[bool] = None,
-    check_base_weights: bool = True,
-    **kwargs,
-) -> PeftModel:
-    """Load a saved TLoRA (= LoRA) adapter folder with PEFT and, when training continues, keep A frozen.
-
-    The folder must hold its plan (`tlora_plan.json`); a folder whose files disagree with the manifest of the last
-    complete save (`tlora_adapter.json`), whose configuration gives a module another rank than the plan, or whose
-    recorded base-weight fingerprint differs from `model`'s target weights is refused. A is frozen when
-    `freeze_lora_A` is True, or when it is None and the plan says so.
-    """
-    folder = Path(adapter_path)
-    if not folder.is_dir():
-        raise AdapterFolderError(f"{adapter_path} is not a folder; load_tlora_model reads a saved adapter folder")
+def checked_adapter_plan(model: torch.nn.Module, folder: Path, check_base_weights: bool = True) -> TLoRAPlan:
+    """The plan of the saved adapter `folder`, after checking the folder against it: ranks, manifest, and (with
+    `check_base_weights`) the fingerprint of `model`'s target weights; `AdapterFolderError` says what is wrong."""
     plan = _require_plan(folder)
     _check_ranks(folder, plan)  # before the manifest: an edited rank is named with its module
     manifest = check_manifest(folder)
     _check_manifest_method(folder, manifest)
     if check_base_weights:
         _check_base_weights(model, folder, plan, manifest)
-    peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
-    tuner = TLoRAModel.adopt(peft_model.base_model)
-    tuner.tlora_plans[adapter_name] = plan
-    if plan.freeze_lora_A if freeze_lora_A is None else freeze_lora_A:
-        tuner.freeze_lora_A(adapter_name)
-    return peft_model
+    return plan
 
 
-__all__ = [
-    "TLoRAModel",
-    "apply_plan",
-    "get_tlora_model",
-    "load_tlora_model",
-    "modules_fingerprint",
-    "plan_from_statistics",
-    "StatisticsMismatchError",
-    "LoraConfig",
-]
+__all__ = ["PLAN_FILE_NAME", "TLoRAModel", "checked_adapter_plan", "modules_fingerprint"]

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 IGNORE_INDEX = -100  # the label of a position that does not enter the loss (transformers' convention)
 

@@ -22,12 +22,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import distributed
-from .calibration import compute_statistics
-from .calibration_statistics import TLoRAStatistics
-from .config import TLoRAConfig
-from .errors import CalibrationError, StatisticsMismatchError
-from .targets import TargetModule
+from .. import distributed
+from ..config import TLoRAConfig
+from ..errors import CalibrationError, StatisticsMismatchError
+from ..targets import TargetModule
+from .run import compute_statistics
+from .statistics import TLoRAStatistics
 
 logger = logging.getLogger(__name__)
 

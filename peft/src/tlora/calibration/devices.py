@@ -1,17 +1,12 @@
-"""Models spread over several devices: the batch's index tensors as seen from each module's device, and statistics
-placed on the devices they are used on."""
+"""Models spread over several devices: the batch's index tensors (mask, counts, positions, valid rows) as seen from
+each module's device, copied once per batch and device."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
-
-if TYPE_CHECKING:  # only for the annotations; the calibration code imports this module, not the other way round
-    from .calibration_statistics import TLoRAStatistics
-    from .targets import TargetModule
 
 
 @dataclass
@@ -49,28 +44,3 @@ class DeviceViews:
             )
             self.views[device] = view
         return view
-
-
-def statistics_devices(
-    statistics: "TLoRAStatistics", targets: list["TargetModule"], statistics_device: Optional[torch.device] = None
-) -> dict[str, torch.device]:
-    """For every stored statistic (by key), the device it is used on: `statistics_device`, else the device of the
-    first module that uses it."""
-    by_name = {target.name: target for target in targets}
-    devices: dict[str, torch.device] = {}
-    for record in statistics.modules:
-        key = record.covariance_key if record.layout == "covariance" else record.name
-        if key not in devices and record.name in by_name:
-            devices[key] = statistics_device or by_name[record.name].module.weight.device
-    return devices
-
-
-def place_statistics(
-    statistics: "TLoRAStatistics", targets: list["TargetModule"], statistics_device: Optional[torch.device] = None
-) -> "TLoRAStatistics":
-    """The statistics with each tensor moved to the device it is used on (see `statistics_devices`)."""
-    devices = statistics_devices(statistics, targets, statistics_device)
-    placed = copy.copy(statistics)
-    placed.covariances = {k: v.to(devices.get(k, v.device)) for k, v in statistics.covariances.items()}
-    placed.cross_covariances = {k: v.to(devices.get(k, v.device)) for k, v in statistics.cross_covariances.items()}
-    return placed

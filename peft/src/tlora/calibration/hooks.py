@@ -1,113 +1,24 @@
 """The hooks of the calibration pass: forward hooks accumulate each target's input covariance C (or W C), gradient
-hooks turn each target's output gradient into the per-sample sensitivity.
+hooks hand each target's output gradient to `sensitivity.sample_sensitivities`.
 
-All state lives outside the model: `BatchState` describes the batch being processed (built in one place,
-`BatchState.for_batch`), `StatisticSums` holds the running sums, and `CalibrationHooks` registers and removes the
-hooks.
+All state lives outside the model: `BatchState` (batch_state.py) describes the batch being processed,
+`StatisticSums` holds the running sums, and `CalibrationHooks` registers and removes the hooks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from .devices import BatchView, DeviceViews
-from .errors import CalibrationError
-from .targets import TargetModule
-
-Layout = dict[str, tuple[str, str]]  # module name -> ("covariance", shared key) or ("cross", module name)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The batch being processed
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def sample_positions(mask: torch.Tensor) -> list:
-    """Per sample, the valid positions as a slice when contiguous, else as an index tensor."""
-    positions = []
-    cpu_mask = mask.cpu()
-    for row in cpu_mask:
-        index = row.nonzero().flatten()
-        if index.numel() == 0:
-            positions.append(slice(0, 0))
-        elif index[-1] - index[0] + 1 == index.numel():
-            positions.append(slice(int(index[0]), int(index[-1]) + 1))
-        else:
-            positions.append(index.to(mask.device))
-    return positions
-
-
-@dataclass
-class BatchState:
-    """What the hooks need to know about the batch being processed."""
-
-    batch_index: int
-    sample_offset: int
-    mask: torch.Tensor  # (B, T) bool, on the model's input device
-    counts: torch.Tensor  # (B,) valid positions per sample
-    positions: list  # per sample: slice or index tensor of valid positions
-    flat_valid: Optional[torch.Tensor]  # indices of valid rows in the flattened (B*T) view, when there is padding
-    all_valid: bool = False  # no padding at all in this batch
-    collect_covariance: bool = True
-    collect_sensitivity: bool = True
-    calls: dict = field(default_factory=dict)
-    shared_inputs: dict = field(default_factory=dict)
-    saved_inputs: dict = field(default_factory=dict)
-    per_sample_sensitivity: dict = field(default_factory=dict)
-    input_flags: list = field(default_factory=list)
-    gradient_flags: list = field(default_factory=list)
-    device_views: Optional[DeviceViews] = None  # the tensors above on other devices, built on first request
-
-    def on(self, device: torch.device) -> BatchView:
-        """mask, counts, positions and valid rows on `device` (a model spread over devices), cached per batch."""
-        if device == self.mask.device:
-            return BatchView(self.mask, self.counts, self.positions, self.flat_valid)
-        if self.device_views is None:
-            self.device_views = DeviceViews(BatchView(self.mask, self.counts, self.positions, self.flat_valid))
-        return self.device_views.on(device)
-
-    @classmethod
-    def for_batch(cls, attention_mask: torch.Tensor, batch_index: int, sample_offset: int) -> "BatchState":
-        """The state of a batch: its mask, valid positions per sample and, when there is padding, the valid rows."""
-        mask = attention_mask.bool()
-        counts = mask.sum(dim=1)
-        packed = None
-        # Any padding: the covariance products then skip the padded rows (their cost grows with the rows, the
-        # copy that drops them is cheap next to them).
-        if mask.numel() and counts.sum().item() < mask.numel():
-            packed = mask.reshape(-1).nonzero().flatten()
-        return cls(
-            batch_index=batch_index,
-            sample_offset=sample_offset,
-            mask=mask,
-            counts=counts,
-            positions=sample_positions(mask),
-            flat_valid=packed,
-            all_valid=bool(mask.all().item()),
-        )
-
-    @contextmanager
-    def single_sample(self, sample: int) -> Iterator[None]:
-        """Within the block, the state describes sample `sample` alone (for a pass over that sample only)."""
-        mask, counts, positions, flat_valid = self.mask, self.counts, self.positions, self.flat_valid
-        views = self.device_views
-        self.mask, self.counts, self.positions = mask[sample : sample + 1], counts[sample : sample + 1], [
-            positions[sample]
-        ]
-        row = mask[sample]
-        self.flat_valid = None if bool(row.all()) else row.nonzero().flatten()  # rows of this sample alone
-        self.device_views = None
-        try:
-            yield
-        finally:
-            self.mask, self.counts, self.positions, self.flat_valid = mask, counts, positions, flat_valid
-            self.device_views = views
+from ..errors import CalibrationError
+from ..targets import TargetModule
+from .batch_state import BatchState
+from .layout import Layout
+from .sensitivity import sample_sensitivities
 
 
 def centred_rows(tensor: torch.Tensor, state: BatchState, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,72 +230,15 @@ class CalibrationHooks:
         del outputs
 
     # ----- backward: sensitivity -----
-    def _gradient_dtype(self, inputs: torch.Tensor) -> torch.dtype:
-        """Per-sample weight gradients are formed in the statistics dtype, except for half-precision models on an
-        accelerator, where they are formed in the model's dtype as autograd's own weight gradients would be (the
-        L1 reduction still accumulates in float32)."""
-        if inputs.device.type != "cpu" and inputs.dtype in (torch.bfloat16, torch.float16):
-            return inputs.dtype
-        return self.sums.dtype
-
     def _on_gradient(self, name: str, grad_output: torch.Tensor) -> None:
-        """g_{l,s} = mean_ij |W_ij (d loss_s / dW)_ij| for every sample s of the batch."""
+        """Record the per-sample sensitivity of target `name` (see sensitivity.py) and whether it is finite."""
         state = self.state
         inputs = state.saved_inputs.pop(name, None)
         if inputs is None:
             return
-        target = self.targets[name]
-        weight = _stored_weight(target, self._gradient_dtype(inputs))
-        values = torch.zeros(grad_output.shape[0], dtype=torch.float64, device=grad_output.device)
-        if self.sensitivity_mode == "per_sample":
-            self._fill_per_sample_sensitivity(values, target, weight, inputs, grad_output)
-        else:
-            self._fill_batch_sensitivity(values, target, weight, inputs, grad_output)
+        values = sample_sensitivities(
+            self.sensitivity_mode, self.targets[name], inputs, grad_output, state, self.sums.dtype
+        )
         # A NaN or Inf in the output gradient (or the saved input) propagates into these values.
         state.gradient_flags.append((name, torch.isfinite(values)))
         state.per_sample_sensitivity[name] = values
-
-    def _fill_per_sample_sensitivity(
-        self, values: torch.Tensor, target: TargetModule, weight: torch.Tensor, inputs: torch.Tensor,
-        grad_output: torch.Tensor,
-    ) -> None:
-        """values_s = sample s's sensitivity from its own gradient dl_s/dW = delta_s^T X_s, formed in turn in one
-        reused buffer."""
-        positions = self.state.on(grad_output.device).positions
-        input_positions = self.state.on(inputs.device).positions
-        gradient = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        for sample, where in enumerate(positions):
-            delta = grad_output[sample, where].to(weight.dtype)
-            if delta.shape[0] == 0:
-                continue
-            inputs_s = inputs[sample, input_positions[sample]].detach().to(device=weight.device, dtype=weight.dtype)
-            # dl_s/dW for this sample only, in the weight's own layout, consumed at once.
-            left, right = (delta, inputs_s) if target.kind == "linear" else (inputs_s, delta)
-            values[sample] = _mean_weighted_l1(torch.mm(left.t(), right, out=gradient), weight)
-        del gradient
-
-    def _fill_batch_sensitivity(
-        self, values: torch.Tensor, target: TargetModule, weight: torch.Tensor, inputs: torch.Tensor,
-        grad_output: torch.Tensor,
-    ) -> None:
-        """values_s = the batch's sensitivity from the weight gradient of the batch loss, for every sample."""
-        flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
-        flat_inputs = inputs.detach().reshape(-1, inputs.shape[-1])
-        delta = flat_grad[self.state.on(flat_grad.device).mask.reshape(-1)].to(weight.dtype)
-        rows = flat_inputs[self.state.on(flat_inputs.device).mask.reshape(-1)].to(device=weight.device, dtype=weight.dtype)
-        gradient = delta.t() @ rows if target.kind == "linear" else rows.t() @ delta
-        values[:] = _mean_weighted_l1(gradient, weight)
-        del gradient
-
-
-def _stored_weight(target: TargetModule, dtype: torch.dtype) -> torch.Tensor:
-    """W in the module's own storage layout (transposed for Conv1D), in `dtype`."""
-    weight = target.weight_matrix(dtype, copy=False)
-    return weight if target.kind == "linear" else weight.t()
-
-
-def _mean_weighted_l1(gradient: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """mean_ij |W_ij G_ij|, overwriting `gradient`; the reduction accumulates in at least float32."""
-    reduce_dtype = torch.promote_types(weight.dtype, torch.float32)
-    # abs_ + sum: one fused pass each, about 3x faster on CPU than linalg.vector_norm(ord=1) with a dtype.
-    return gradient.mul_(weight).abs_().sum(dtype=reduce_dtype) / weight.numel()

@@ -7,7 +7,8 @@ For each calibration sample s and target module l with weight W (m x n, out x in
   centred by the sample's own mean. Modules that read the very same tensor (q/k/v; gate/up) share one C. A module
   that reads a tensor of its own and has m < n accumulates M_l = W C_l = sum_s (Xc_s W^T)^T Xc_s directly, which is
   smaller than C_l (Llama's down_proj).
-* sensitivity S_l = (1/N) sum_s mean_ij |W_ij * (d loss_s / dW)_ij| with loss_s the sample's mean token loss.
+* sensitivity S_l = (1/N) sum_s mean_ij |W_ij * (d loss_s / dW)_ij| with loss_s the sample's mean token loss
+  (defined, with its modes, loss split, float16 loss scale and normalisation, in sensitivity.py).
 
 Per-sample weight gradients are formed inside one batched pass: the backward pass computes activation gradients
 only (no parameter requires grad), and each target module turns the gradient of its output, delta_s, and its saved
@@ -26,15 +27,17 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import distributed
+from .. import distributed
+from ..config import TLoRAConfig
+from ..errors import CalibrationError, NonFiniteCalibrationError
+from ..targets import TargetModule, check_readable_weights, find_target_modules
+from ..weights import differentiable_quantized_layers
 from .batch_checks import BatchRules, validate_batch
-from .calibration_statistics import ModuleStatistics, TLoRAStatistics
-from .config import TLoRAConfig
-from .errors import CalibrationError, NonFiniteCalibrationError
-from .hooks import BatchState, CalibrationHooks, Layout, StatisticSums
-from .losses import losses_to_differentiate
-from .targets import TargetModule, check_readable_weights, find_target_modules
-from .weights import differentiable_quantized_layers
+from .batch_state import BatchState
+from .hooks import CalibrationHooks, StatisticSums
+from .layout import Layout, probe_layout
+from .sensitivity import PER_SAMPLE, initial_loss_scale, losses_to_differentiate, unscale
+from .statistics import ModuleStatistics, TLoRAStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ class _PassRun:
     loss_kind: Optional[str] = None  # the per-sample split of the loss, once verified
     sample_by_sample: bool = False  # no split applies: one pass per sample
     skipped: list = field(default_factory=list)  # samples without a label token
-    loss_scale: float = 1.0  # the differentiated losses are multiplied by it (float16 models; see _unscale)
+    loss_scale: float = 1.0  # the differentiated losses are multiplied by it (float16 models; sensitivity.py)
     rules: BatchRules = field(default_factory=BatchRules)  # what every batch is checked against
 
 
@@ -219,97 +222,6 @@ def _prepare_inputs(batch: Mapping[str, Any], device: torch.device, keys: Option
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Layout probe: which targets read the same tensor
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _probe_inputs(inputs: dict) -> dict:
-    """The first sample's first 16 positions of `inputs`, without labels."""
-    probe = {}
-    for key, value in inputs.items():
-        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == inputs["input_ids"].shape[0]:
-            value = value[:1]
-            if value.dim() >= 2 and value.shape[1] == inputs["input_ids"].shape[1]:
-                value = value[:, :16]
-        probe[key] = value
-    probe.pop("labels", None)
-    return probe
-
-
-def _record_target_inputs(
-    model: nn.Module, targets: list[TargetModule], probe: dict
-) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """One no-grad forward: each target's first input tensor (in call order) and how often it was called."""
-    seen: dict[str, Any] = {}
-    calls: dict[str, int] = {}
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            seen.setdefault(name, args[0])
-            calls[name] = calls.get(name, 0) + 1
-
-        return hook
-
-    handles = [target.module.register_forward_pre_hook(make_hook(target.name)) for target in targets]
-    try:
-        with torch.no_grad():
-            model(**probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen, calls
-
-
-def _check_probe(targets: list[TargetModule], seen: dict[str, torch.Tensor], calls: dict[str, int]) -> None:
-    """Raise `CalibrationError` for targets never called, fed one vector per sample, or called repeatedly."""
-    never = [t.name for t in targets if t.name not in seen]
-    if never:
-        raise CalibrationError(
-            f"target modules never called in a forward pass: {never[:6]}; remove them from target_modules"
-        )
-    flat = [n for n, tensor in seen.items() if tensor.dim() != 3]
-    if flat:
-        raise CalibrationError(
-            f"target modules {flat[:4]} see one vector per sample (input shape "
-            f"{tuple(seen[flat[0]].shape)}), but TLoRA's covariance is taken over the positions of each sample; "
-            f"exclude them, e.g. exclude_modules={[n.split('.', 1)[-1] if '.' in n else n for n in flat[:2]]}"
-        )
-    repeated = [n for n, c in calls.items() if c > 1]
-    if repeated:
-        raise CalibrationError(
-            f"target modules called more than once per forward pass (shared weights): {repeated[:6]}; "
-            "TLoRA supports modules applied once per forward"
-        )
-
-
-def _choose_layout(targets: list[TargetModule], seen: dict[str, torch.Tensor]) -> Layout:
-    """Readers of one tensor share one covariance; a lone reader with m < n stores W C ("cross") instead."""
-    layout: Layout = {}
-    leader_of_tensor: dict[int, str] = {}
-    readers: dict[str, list[str]] = {}
-    order = sorted(targets, key=lambda t: list(seen).index(t.name))
-    for target in order:
-        tensor_id = id(seen[target.name])
-        leader = leader_of_tensor.setdefault(tensor_id, target.name)
-        readers.setdefault(leader, []).append(target.name)
-    for leader, names in readers.items():
-        for name in names:
-            target = next(t for t in targets if t.name == name)
-            if len(names) == 1 and target.out_features < target.in_features:
-                layout[name] = ("cross", name)
-            else:
-                layout[name] = ("covariance", leader)
-    return layout
-
-
-def probe_layout(model: nn.Module, targets: list[TargetModule], inputs: dict) -> Layout:
-    """Find which targets read the same tensor (one short no-grad forward) and choose each module's layout."""
-    seen, calls = _record_target_inputs(model, targets, _probe_inputs(inputs))
-    _check_probe(targets, seen, calls)
-    return _choose_layout(targets, seen)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Finiteness checks
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -372,7 +284,7 @@ def _calibrate_batch(
 def _skip_model_loss(model: nn.Module, run: _PassRun, batch_size: int, config: TLoRAConfig) -> bool:
     """Once the per-sample split of the loss is verified, the model need not compute its own loss as well."""
     return (
-        run.loss_kind is not None and not run.sample_by_sample and batch_size > 1 and config.sensitivity == "per_sample"
+        run.loss_kind is not None and not run.sample_by_sample and batch_size > 1 and config.sensitivity == PER_SAMPLE
         and not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     )
 
@@ -385,7 +297,7 @@ def _batched_pass(
     skip_model_loss = _skip_model_loss(model, run, state.mask.shape[0], config)
     forward_inputs = {k: v for k, v in inputs.items() if k != "labels"} if skip_model_loss else inputs
     with torch.enable_grad():
-        state.collect_sensitivity = not run.sample_by_sample
+        state.collect(sensitivity=not run.sample_by_sample)
         outputs = model(**forward_inputs)
         if not skip_model_loss and getattr(outputs, "loss", None) is None:
             raise CalibrationError(
@@ -394,7 +306,7 @@ def _batched_pass(
         split = losses_to_differentiate(outputs, inputs, model, config.sensitivity, run.loss_kind, run.sample_by_sample)
         run.loss_kind, run.sample_by_sample, valid = split.kind, split.sample_by_sample, split.valid
         if run.sample_by_sample:
-            state.saved_inputs.clear()
+            state.drop_saved_inputs()
         _check_flags(state.input_flags, state, "input", torch.isfinite(split.losses) | ~valid)
         if split.total is not None:
             (split.total * run.loss_scale).backward()
@@ -407,76 +319,32 @@ def _per_sample_passes(
 ) -> None:
     """Fallback for losses that cannot be split: one forward and backward pass per labelled sample (the covariance
     was already collected by the batched pass)."""
-    batch_size = valid.shape[0]
-    state.collect_covariance = False
-    state.collect_sensitivity = True
-    totals: dict[str, torch.Tensor] = {}
-    for sample in range(batch_size):
+    state.collect(covariance=False, sensitivity=True)
+    for sample in range(valid.shape[0]):
         if not bool(valid[sample]):
             continue
         single = {
             key: value[sample : sample + 1] if torch.is_tensor(value) and value.dim() >= 1 else value
             for key, value in inputs.items()
         }
-        with state.single_sample(sample):
-            state.calls.clear()
-            state.per_sample_sensitivity = {}
-            with torch.enable_grad():
-                outputs = model(**single)
-                (outputs.loss * loss_scale).backward()
-        for name, values in state.per_sample_sensitivity.items():
-            totals.setdefault(name, torch.zeros(batch_size, dtype=torch.float64, device=values.device))
-            totals[name][sample] = values[0]
-    state.per_sample_sensitivity = totals
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loss scaling (float16 models)
-# ---------------------------------------------------------------------------------------------------------------
-
-FP16_INITIAL_LOSS_SCALE = 2.0**16  # as torch.amp.GradScaler's default
-LOSS_SCALE_BACKOFF = 2.0**4  # the scale is divided by this on an overflow and the batch's backward pass redone
-
-
-def initial_loss_scale(model: nn.Module) -> float:
-    """The loss scale the calibration backward pass starts with: FP16_INITIAL_LOSS_SCALE for float16 models, else 1."""
-    if not any(parameter.dtype == torch.float16 for parameter in model.parameters()):
-        return 1.0
-    logger.info(
-        "float16 model: the TLoRA calibration backward pass multiplies each loss by a loss scale (starting at %g, "
-        "divided by %g on an overflow) and divides |W * G| by it, so that small gradients do not underflow.",
-        FP16_INITIAL_LOSS_SCALE,
-        LOSS_SCALE_BACKOFF,
-    )
-    return FP16_INITIAL_LOSS_SCALE
-
-
-def _gradients_finite(state: BatchState) -> bool:
-    """Whether every per-sample sensitivity of the batch is finite (one device sync)."""
-    flags = [flag.all() for _, flag in state.gradient_flags]
-    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all().item())
+        with state.sample_pass(sample), torch.enable_grad():
+            outputs = model(**single)
+            (outputs.loss * loss_scale).backward()
 
 
 def _unscale(
     model: nn.Module, inputs: dict, state: BatchState, valid: torch.Tensor, run: _PassRun, config: TLoRAConfig
 ) -> None:
-    """Divide the batch's sensitivities by the loss scale; while the scaled gradients overflow, lower the scale and
-    redo the batch's backward pass (sensitivity only: the covariance is already accumulated)."""
-    while run.loss_scale > 1.0 and not _gradients_finite(state):
-        run.loss_scale = max(1.0, run.loss_scale / LOSS_SCALE_BACKOFF)
-        logger.info("TLoRA calibration: gradients overflowed in batch %d; loss scale lowered to %g and the batch's "
-                    "backward pass redone.", state.batch_index, run.loss_scale)
-        state.calls.clear()
-        state.saved_inputs.clear()
-        state.per_sample_sensitivity, state.gradient_flags, state.input_flags = {}, [], []
-        state.collect_covariance = False
+    """Undo the loss scale of the batch's sensitivities, redoing its backward pass while they overflow."""
+
+    def redo_backward(scale: float) -> None:
+        run.loss_scale = scale
         if run.sample_by_sample:
             _per_sample_passes(model, inputs, state, valid, run.loss_scale)
         else:
             _batched_pass(model, inputs, state, run, config)
-    if run.loss_scale != 1.0:
-        for values in state.per_sample_sensitivity.values():
-            values.div_(run.loss_scale)
+
+    run.loss_scale = unscale(state, run.loss_scale, redo_backward)
 
 
 def _record_batch(hooks: CalibrationHooks, state: BatchState, valid: torch.Tensor, run: _PassRun, batch_size: int):

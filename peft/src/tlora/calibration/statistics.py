@@ -1,5 +1,5 @@
 """The result of the calibration pass: per-module covariances (or W C products) and sensitivities, saved to and
-loaded from safetensors, and checked against the model they are applied to."""
+loaded from safetensors, checked against the model they are applied to, and placed on the devices they are used on."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import StatisticsMismatchError
-from .targets import TargetModule
+from ..errors import StatisticsMismatchError
+from ..targets import TargetModule
+from .sensitivity import PER_SAMPLE, normalised_sensitivity
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +107,10 @@ class TLoRAStatistics:
     num_samples: int
     num_tokens: int
     num_sensitivity_samples: int
-    sensitivity_mode: str = "per_sample"
+    sensitivity_mode: str = PER_SAMPLE
     dtype: str = "float32"
     extra: dict = field(default_factory=dict)
-    calibration: dict[str, str] = field(default_factory=dict)  # which rows made them (see statistics_cache.py)
+    calibration: dict[str, str] = field(default_factory=dict)  # which rows made them (see cache.py)
 
     def module(self, name: str) -> ModuleStatistics:
         """The record of module `name` (KeyError if absent)."""
@@ -124,8 +125,8 @@ class TLoRAStatistics:
         return [record.name for record in self.modules]
 
     def sensitivity(self, name: str) -> float:
-        """S_l = (1/N) sum_s g_{l,s}."""
-        return self.module(name).sensitivity_sum / max(1, self.num_sensitivity_samples)
+        """S_l of module `name` (its sum normalised as `sensitivity.normalised_sensitivity` says)."""
+        return normalised_sensitivity(self.module(name).sensitivity_sum, self.num_sensitivity_samples)
 
     def sensitivities(self) -> dict[str, float]:
         """S_l of every module, by name."""
@@ -244,3 +245,28 @@ class TLoRAStatistics:
                     f"the weights of {target.name} differ from those the statistics were computed on "
                     "(another checkpoint?); recompute the statistics for this model"
                 )
+
+
+def statistics_devices(
+    statistics: TLoRAStatistics, targets: list[TargetModule], statistics_device: Optional[torch.device] = None
+) -> dict[str, torch.device]:
+    """For every stored statistic (by key), the device it is used on: `statistics_device`, else the device of the
+    first module that uses it."""
+    by_name = {target.name: target for target in targets}
+    devices: dict[str, torch.device] = {}
+    for record in statistics.modules:
+        key = record.covariance_key if record.layout == "covariance" else record.name
+        if key not in devices and record.name in by_name:
+            devices[key] = statistics_device or by_name[record.name].module.weight.device
+    return devices
+
+
+def place_statistics(
+    statistics: TLoRAStatistics, targets: list[TargetModule], statistics_device: Optional[torch.device] = None
+) -> TLoRAStatistics:
+    """The statistics with each tensor moved to the device it is used on (see `statistics_devices`)."""
+    devices = statistics_devices(statistics, targets, statistics_device)
+    placed = copy.copy(statistics)
+    placed.covariances = {k: v.to(devices.get(k, v.device)) for k, v in statistics.covariances.items()}
+    placed.cross_covariances = {k: v.to(devices.get(k, v.device)) for k, v in statistics.cross_covariances.items()}
+    return placed
