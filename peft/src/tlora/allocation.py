@@ -173,6 +173,15 @@ def proportional_shares(
     largest = max(weights, default=0.0)
     if largest > 0:
         weights = [w / largest if w / largest > 1e-200 else 0.0 for w in weights]
+    _check_shares_feasible(weights, total, lower, upper, costs)
+    lam = _solve_scale(weights, total, lower, upper, costs)
+    return [min(max(lam * w, lo), hi) for w, lo, hi in zip(weights, lower, upper)]
+
+
+def _check_shares_feasible(
+    weights: list[float], total: float, lower: Sequence[float], upper: Sequence[float], costs: list[float]
+) -> None:
+    """Raise `BudgetError` unless some shares within [lower, upper], zero-weight ones at lower, cost `total`."""
     low_total = sum(c * lo for c, lo in zip(costs, lower))
     high_total = sum(c * hi for c, hi in zip(costs, upper))
     if total < low_total - 1e-9:
@@ -188,6 +197,12 @@ def proportional_shares(
             f"budget {total:g} exceeds the {reachable:g} that fits into the modules with non-zero sensitivity "
             f"({zero} modules have zero sensitivity and stay at their minimum rank); lower the budget"
         )
+
+
+def _solve_scale(
+    weights: list[float], total: float, lower: Sequence[float], upper: Sequence[float], costs: list[float]
+) -> float:
+    """The lam with sum_l cost_l * clip(lam * w_l, lower_l, upper_l) = total, solved on its linear piece."""
 
     def filled(lam: float) -> float:
         return sum(c * min(max(lam * w, lo), hi) for c, w, lo, hi in zip(costs, weights, lower, upper))
@@ -212,8 +227,7 @@ def proportional_shares(
             slope += c * w
         else:
             fixed += c * min(max(value, lo), hi)
-    lam = high_lam if slope == 0 else (total - fixed) / slope
-    return [min(max(lam * w, lo), hi) for w, lo, hi in zip(weights, lower, upper)]
+    return high_lam if slope == 0 else (total - fixed) / slope
 
 
 def allocate_ranks(
@@ -327,6 +341,49 @@ def derive_plan(
 ) -> TLoRAPlan:
     """Allocate ranks and scales to `modules` (in a fixed order) and return the plan."""
     modules = list(modules)
+    sensitivities = _checked_sensitivities(modules, rank_budget, parameter_budget, min_rank, max_rank)
+    capacities = [min(m.out_features, m.in_features, max_rank or m.out_features) for m in modules]
+    per_rank_cost = [m.out_features + (0 if freeze_lora_A else m.in_features) for m in modules]
+    if parameter_budget is not None:
+        shapes = [(m.name, m.out_features, m.in_features) for m in modules]
+        check_parameter_budget(parameter_budget, shapes, freeze_lora_A)
+        budget_type, budget = "parameters", int(parameter_budget)
+        ranks = _ranks_under_parameter_budget(sensitivities, capacities, per_rank_cost, budget, min_rank, max_rank)
+    else:
+        budget_type = "rank"
+        budget = int(rank_budget) if rank_budget is not None else r * len(modules)
+        ranks = _ranks_under_rank_budget(modules, sensitivities, capacities, budget, min_rank, max_rank)
+
+    if sum(ranks) == 0:
+        raise BudgetError(
+            f"the {budget_type} budget {budget} gives every target module rank 0 (the modules it could pay for have "
+            "zero sensitivity); raise the budget"
+        )
+    alphas = allocate_scales(sensitivities, lora_alpha) if allocate_scales_ else [lora_alpha] * len(modules)
+    entries = _module_plans(modules, ranks, alphas, per_rank_cost, r, use_rslora)
+    spent = sum(ranks) if budget_type == "rank" else sum(e.trainable_parameters for e in entries)
+    return TLoRAPlan(
+        r=r,
+        lora_alpha=lora_alpha,
+        budget_type=budget_type,
+        budget=budget,
+        budget_spent=spent,
+        min_rank=min_rank,
+        allocate_scales=allocate_scales_,
+        use_rslora=use_rslora,
+        freeze_lora_A=freeze_lora_A,
+        modules=entries,
+        sensitivity_mode=sensitivity_mode,
+        num_samples=num_samples,
+        max_rank=max_rank,
+    )
+
+
+def _checked_sensitivities(
+    modules: list[ModuleInfo], rank_budget: Optional[int], parameter_budget: Optional[int], min_rank: int,
+    max_rank: Optional[int],
+) -> list[float]:
+    """The modules' sensitivities as floats, after checking that there are modules, one budget and valid bounds."""
     if not modules:
         raise BudgetError("there are no target modules to allocate a budget to")
     if rank_budget is not None and parameter_budget is not None:
@@ -336,52 +393,58 @@ def derive_plan(
     for module, value in zip(modules, sensitivities):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"sensitivity of {module.name} is {value}; it must be finite and >= 0")
-    capacities = [min(m.out_features, m.in_features, max_rank or m.out_features) for m in modules]
-    per_rank_cost = [m.out_features + (0 if freeze_lora_A else m.in_features) for m in modules]
-    if parameter_budget is not None:
-        shapes = [(m.name, m.out_features, m.in_features) for m in modules]
-        check_parameter_budget(parameter_budget, shapes, freeze_lora_A)
-        budget_type, budget = "parameters", int(parameter_budget)
-        needed = sum(min(min_rank, cap) * cost for cap, cost in zip(capacities, per_rank_cost))
-        if budget < needed:
-            raise BudgetError(
-                f"parameter budget {budget} is smaller than the {needed} parameters that min_rank={min_rank} needs "
-                f"on {len(modules)} target modules"
-            )
-        most = sum(cap * cost for cap, cost in zip(capacities, per_rank_cost))
-        if max_rank is not None and budget > most:
-            raise BudgetError(
-                f"parameter budget {budget} exceeds the {most} parameters that ranks capped at max_rank={max_rank} "
-                f"hold on {len(modules)} target modules; lower the budget or raise max_rank"
-            )
-        ranks = allocate_ranks(sensitivities, capacities, budget, min_rank, costs=per_rank_cost)
-    else:
-        budget_type = "rank"
-        budget = int(rank_budget) if rank_budget is not None else r * len(modules)
-        if budget < min_rank * len(modules):
-            raise BudgetError(
-                f"rank budget {budget} is smaller than min_rank={min_rank} x {len(modules)} target modules "
-                f"= {min_rank * len(modules)}; lower min_rank or raise the budget"
-            )
-        if max_rank is not None and budget > max_rank * len(modules):
-            raise BudgetError(
-                f"rank budget {budget} exceeds max_rank={max_rank} x {len(modules)} target modules = "
-                f"{max_rank * len(modules)}; lower r or rank_budget, or raise max_rank"
-            )
-        if budget > sum(capacities):
-            raise BudgetError(
-                f"rank budget {budget} exceeds the total capacity {sum(capacities)} (sum of min(out, in"
-                f"{', max_rank' if max_rank else ''}) over the "
-                f"{len(modules)} target modules); lower r or pass rank_budget"
-            )
-        ranks = allocate_ranks(sensitivities, capacities, budget, min_rank)
+    return sensitivities
 
-    if sum(ranks) == 0:
+
+def _ranks_under_parameter_budget(
+    sensitivities: list[float], capacities: list[int], per_rank_cost: list[int], budget: int, min_rank: int,
+    max_rank: Optional[int],
+) -> list[int]:
+    """Ranks that spend at most `budget` trainable parameters, after checking that min_rank and max_rank allow it."""
+    needed = sum(min(min_rank, cap) * cost for cap, cost in zip(capacities, per_rank_cost))
+    if budget < needed:
         raise BudgetError(
-            f"the {budget_type} budget {budget} gives every target module rank 0 (the modules it could pay for have "
-            "zero sensitivity); raise the budget"
+            f"parameter budget {budget} is smaller than the {needed} parameters that min_rank={min_rank} needs "
+            f"on {len(sensitivities)} target modules"
         )
-    alphas = allocate_scales(sensitivities, lora_alpha) if allocate_scales_ else [lora_alpha] * len(modules)
+    most = sum(cap * cost for cap, cost in zip(capacities, per_rank_cost))
+    if max_rank is not None and budget > most:
+        raise BudgetError(
+            f"parameter budget {budget} exceeds the {most} parameters that ranks capped at max_rank={max_rank} "
+            f"hold on {len(sensitivities)} target modules; lower the budget or raise max_rank"
+        )
+    return allocate_ranks(sensitivities, capacities, budget, min_rank, costs=per_rank_cost)
+
+
+def _ranks_under_rank_budget(
+    modules: list[ModuleInfo], sensitivities: list[float], capacities: list[int], budget: int, min_rank: int,
+    max_rank: Optional[int],
+) -> list[int]:
+    """Ranks that sum to `budget` exactly, after checking that min_rank, max_rank and the capacities allow it."""
+    if budget < min_rank * len(modules):
+        raise BudgetError(
+            f"rank budget {budget} is smaller than min_rank={min_rank} x {len(modules)} target modules "
+            f"= {min_rank * len(modules)}; lower min_rank or raise the budget"
+        )
+    if max_rank is not None and budget > max_rank * len(modules):
+        raise BudgetError(
+            f"rank budget {budget} exceeds max_rank={max_rank} x {len(modules)} target modules = "
+            f"{max_rank * len(modules)}; lower r or rank_budget, or raise max_rank"
+        )
+    if budget > sum(capacities):
+        raise BudgetError(
+            f"rank budget {budget} exceeds the total capacity {sum(capacities)} (sum of min(out, in"
+            f"{', max_rank' if max_rank else ''}) over the "
+            f"{len(modules)} target modules); lower r or pass rank_budget"
+        )
+    return allocate_ranks(sensitivities, capacities, budget, min_rank)
+
+
+def _module_plans(
+    modules: list[ModuleInfo], ranks: list[int], alphas: list[float], per_rank_cost: list[int], r: int,
+    use_rslora: bool,
+) -> list[ModulePlan]:
+    """The plan entry of every module: its rank, scale alpha_l / r (/ sqrt(r) with rsLoRA) and PEFT's lora_alpha."""
     norm = math.sqrt if use_rslora else float
     total_rank = sum(ranks)
     entries = []
@@ -404,19 +467,4 @@ def derive_plan(
                 module_type=module_type,
             )
         )
-    spent = total_rank if budget_type == "rank" else sum(e.trainable_parameters for e in entries)
-    return TLoRAPlan(
-        r=r,
-        lora_alpha=lora_alpha,
-        budget_type=budget_type,
-        budget=budget,
-        budget_spent=spent,
-        min_rank=min_rank,
-        allocate_scales=allocate_scales_,
-        use_rslora=use_rslora,
-        freeze_lora_A=freeze_lora_A,
-        modules=entries,
-        sensitivity_mode=sensitivity_mode,
-        num_samples=num_samples,
-        max_rank=max_rank,
-    )
+    return entries
