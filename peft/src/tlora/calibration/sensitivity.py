@@ -32,9 +32,9 @@ from .batch_state import BatchState
 
 logger = logging.getLogger(__name__)
 
-SensitivityMode = Literal["per_sample", "batch"]
-PER_SAMPLE, BATCH = get_args(SensitivityMode)
-SENSITIVITY_MODES: tuple[str, ...] = (PER_SAMPLE, BATCH)
+SensitivityMode = Literal["per_sample", "batch"]  # TLoRAConfig.sensitivity
+SENSITIVITY_MODES: tuple[str, ...] = get_args(SensitivityMode)
+PER_SAMPLE, BATCH = SENSITIVITY_MODES
 
 
 class WeightedModule(Protocol):
