@@ -265,7 +265,7 @@ def measure_builder(
 ) -> dict:
     """A calibrated PEFT initialisation (LoRA-GA, CorDA, EVA) built by the training core's method table; the time is
     the builder's own `calibration_seconds` (preprocessing + adapter creation, not the save of the initial adapter)."""
-    from tlora.training.methods import build_method
+    from tlora.training.registry import build_method
 
     llama, calibration = _setup(model, num_samples, seq_len, device)
     directory = tempfile.mkdtemp(prefix="tlora-bench-")

@@ -274,7 +274,7 @@ def build_adapter(method: str, base, config: dict, seed: int, train_set, collato
     """The model to train for a bench method, built by the training core's method table; returns (built, seconds)."""
     from tlora.training.data import CalibrationSet, calibration_indices
 
-    from tlora.training.methods import build_method
+    from tlora.training.registry import build_method
 
     core_method, factor = METHODS[method]
     r = max(1, int(round(config["r"] * factor)))

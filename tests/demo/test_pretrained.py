@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tlora import pretrained
+from tlora.demo import pretrained
 from tlora.demo.pretrained import PretrainedModelError, cache_directory, find_smollm2_gguf, smollm2_path
 
 

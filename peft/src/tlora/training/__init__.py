@@ -13,7 +13,7 @@ from .arguments import (
 )
 from .core import main, parse_training_arguments, train
 from .data import PaddingCollator, tokenize_instructions
-from .methods import METHOD_BUILDERS
+from .registry import METHOD_BUILDERS
 from .record import RUN_RECORD_FILE, read_run_record
 
 __all__ = [

@@ -53,7 +53,8 @@ from .data import (
     draw_calibration_set,
     label_names,
 )
-from .methods import BASE_MODIFYING_METHODS, CALIBRATED_METHODS, BuiltMethod, MethodContext, build_method
+from .methods import BuiltMethod, MethodContext
+from .registry import BASE_MODIFYING_METHODS, CALIBRATED_METHODS, build_method
 from .record import arguments_record, library_versions, write_run_record
 
 logger = logging.getLogger(__name__)
