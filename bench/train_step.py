@@ -1,6 +1,6 @@
 """Part 3 — training step: time per optimiser step and peak memory of LoRA (A and B trained), LoRA with A frozen,
 TLoRA at the same nominal r (B only, allocated ranks), DoRA and full fine-tuning, on the same batch with AdamW, as
-ratios to LoRA. Every method is built by the training core's method table; each case runs in a fresh process.
+ratios to LoRA. Every method is built by the training core's method registry; each case runs in a fresh process.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def sizes(scale: str) -> dict[str, Any]:
 
 
 def _build(method: str, model: dict, r: int, device: str, tlora_dir: str, calibration, resume: bool):
-    """The model to train for `method`, built through the training core's method table."""
+    """The model to train for `method`, built through the training core's method registry."""
     from tlora.training.registry import build_method
 
     llama = random_llama(model, device=device, seed=0)

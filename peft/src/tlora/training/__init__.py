@@ -1,5 +1,5 @@
 """The training core of the task scripts (math_train.py, commonsense_train.py, code_train.py, chat_train.py,
-nlu_train.py): one data pipeline, prompt, method table and Trainer glue for every method the paper compares."""
+nlu_train.py): one data pipeline, prompt, method registry (`tlora.methods_table`) and Trainer glue for every method the paper compares."""
 
 from ..data.rows import DataFormatError
 from .arguments import (
