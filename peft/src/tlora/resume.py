@@ -42,6 +42,11 @@ class TLoRAAdapter:
     base_fingerprint: str
     calibrated: bool  # False when rebuilt from the output folder
 
+    @property
+    def lora_A_digest(self) -> str:
+        """The hex digest of the initial A matrices (as written to, and checked against, the initial-A file)."""
+        return digest_lora_A(self.lora_A).hex()
+
 
 def base_weights_fingerprint(model: torch.nn.Module, config: TLoRAConfig) -> str:
     """A digest of the target weights of the base model (names and `tlora.targets.weight_fingerprint` of each)."""

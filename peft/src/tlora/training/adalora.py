@@ -1,5 +1,6 @@
-"""AdaLoRA in the training core: its schedule fixed to the real step count, `update_and_allocate` once per optimizer
-step (also under DeepSpeed), and its orthogonal regulariser weighted as its authors intend.
+"""AdaLoRA in the training core: its builder (`build_adalora`), its schedule fixed to the real step count,
+`update_and_allocate` once per optimizer step (also under DeepSpeed), and its orthogonal regulariser weighted as its
+authors intend.
 
 The regulariser. PEFT's `AdaLoraModel.forward` adds `orth_reg_weight * R` (default 0.5) to every micro-batch's loss.
 AdaLoRA's authors (and transformers 4) divided each micro-batch's loss by the accumulation steps and averaged the

@@ -37,7 +37,6 @@ from transformers import TrainingArguments
 
 from .. import TLoRAConfig, format_plan_table, resume
 from ..constants import INITIAL_ADAPTER_DIR
-from ..initialization import digest_lora_A
 from .arguments import MethodArguments, tlora_options
 from .callbacks import TLoRAGuardCallback
 from .data import CalibrationSet
@@ -240,7 +239,7 @@ def tlora_details(base: torch.nn.Module, adapter: resume.TLoRAAdapter) -> dict[s
     """What the run record keeps of a TLoRA build: digests, budget and plan totals."""
     plan = adapter.plan
     return {
-        "lora_A_digest": digest_lora_A(adapter.lora_A).hex(),
+        "lora_A_digest": adapter.lora_A_digest,
         "base_fingerprint": adapter.base_fingerprint,
         "base_quantized": bool(getattr(base, "is_quantized", False)),
         "total_rank": plan.total_rank,
