@@ -33,13 +33,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def load_model(tiny: bool) -> torch.nn.Module:
     """SmolLM2-135M-Instruct in float32 (or a tiny random Llama), in eval mode."""
     if tiny:
-        from tlora.toy import tiny_llama
+        from tlora.fixtures.toy import tiny_llama
 
         model = tiny_llama(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_key_value_heads=2)
     else:
         from transformers import AutoModelForCausalLM
 
-        from tlora.pretrained import smollm2_path
+        from tlora.demo.pretrained import smollm2_path
 
         model = AutoModelForCausalLM.from_pretrained(str(smollm2_path()), torch_dtype=torch.float32)
     return model.eval()

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from tlora.methods_table import METHOD_TABLE, method_entry
+
 logger = logging.getLogger("bench")
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -353,7 +355,7 @@ class Case:
 
 
 ISOLATIONS = ("forkserver", "subprocess", "in-process")
-PRELOAD_MODULES = ["common", "torch", "transformers", "peft", "tlora", "tlora.training.methods"]
+PRELOAD_MODULES = ["common", "torch", "transformers", "peft", "tlora", "tlora.training.registry"]
 
 
 def run_case(case: Case, settings: Settings) -> dict:
@@ -651,20 +653,23 @@ def med(summary: dict, key: str) -> Optional[float]:
 # What several parts share: the compared methods, the shared data, small statistics
 # ---------------------------------------------------------------------------------------------------------------
 
-# bench name -> (training-core method, rank factor)
+# bench name -> (training-core method, rank factor): the registry's benchmarked methods at full rank (in the
+# registry's order), each followed by its bench-only variants.
+BENCH_VARIANTS = {"lora_half": ("lora", 0.5)}
 METHODS = {
-    "lora": ("lora", 1.0),
-    "lora_half": ("lora", 0.5),
-    "pissa": ("pissa", 1.0),
-    "dora": ("dora", 1.0),
-    "corda": ("corda", 1.0),
-    "eva": ("eva", 1.0),
-    "loraga": ("loraga", 1.0),
-    "tlora": ("tlora", 1.0),
+    name: spec
+    for entry in METHOD_TABLE
+    if entry.benchmarked
+    for name, spec in [(entry.name, (entry.name, 1.0))] + [v for v in BENCH_VARIANTS.items() if v[1][0] == entry.name]
 }
-LABELS = {"lora": "LoRA r", "lora_half": "LoRA r/2", "pissa": "PiSSA", "dora": "DoRA", "corda": "CorDA (IPM)",
-          "eva": "EVA", "loraga": "LoRA-GA", "tlora": "TLoRA"}
+# The registry's labels, but where the benchmark needs the rank or the mode in the label.
+BENCH_LABELS = {"lora": "LoRA r", "lora_half": "LoRA r/2", "corda": "CorDA (IPM)"}
+LABELS = {name: BENCH_LABELS.get(name, method_entry(core).label) for name, (core, _) in METHODS.items()}
 
+
+def calibrated(method: str) -> bool:
+    """Whether a bench method's training-core method calibrates on data (its results depend on calibration sizes)."""
+    return method_entry(METHODS[method][0]).calibrated
 
 
 class DataMissingError(FileNotFoundError):

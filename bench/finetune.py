@@ -200,9 +200,9 @@ def run_one(task: str, method: str, seed: int, config: dict, data: dict, base_mo
 def base_model_path(scale: str, work: Path) -> str:
     """SmolLM2-135M-Instruct (full and quick sizes), or a tiny random Llama written to `work` (tiny: no wheel)."""
     if scale == "tiny":
-        from tlora.training.toy_model import write_toy_model
+        from tlora.fixtures.toy_model import write_toy_model
 
         return str(write_toy_model(work / "tiny-llama", hidden_size=32, num_layers=2))
-    from tlora.pretrained import smollm2_path
+    from tlora.demo.pretrained import smollm2_path
 
     return str(smollm2_path())

@@ -49,7 +49,7 @@ class CheckResult:
 
 def tiny_model(dtype: torch.dtype = torch.float32):
     """The tiny Llama every check uses (widths multiples of 64, as bitsandbytes' 4-bit blocks need)."""
-    from tlora.toy import tiny_llama
+    from tlora.fixtures.toy import tiny_llama
 
     return tiny_llama(hidden_size=64, num_layers=2, intermediate_size=128, num_heads=4, seed=0, dtype=dtype)
 
@@ -219,7 +219,7 @@ def free_port() -> int:
 
 def check_deepspeed(device: str, workdir: Path, timeout: int = 240) -> CheckResult:
     """ZeRO-2: a 3-step TLoRA run finishes (bf16 on CUDA); ZeRO-3: refused with the message that says to use ZeRO-2."""
-    from tlora.training.toy_model import write_toy_model
+    from tlora.fixtures.toy_model import write_toy_model
 
     precision = ("--bf16",) if device == "cuda" else ()
     model_dir = write_toy_model(workdir / "ds-model")

@@ -263,9 +263,9 @@ def measure_builder(
     model: dict, num_samples: int, seq_len: int, batch_size: int, device: str, r: int, method: str,
     eva_max_passes: int = 4, **_: Any
 ) -> dict:
-    """A calibrated PEFT initialisation (LoRA-GA, CorDA, EVA) built by the training core's method table; the time is
+    """A calibrated PEFT initialisation (LoRA-GA, CorDA, EVA) built by the training core's method registry; the time is
     the builder's own `calibration_seconds` (preprocessing + adapter creation, not the save of the initial adapter)."""
-    from tlora.training.methods import build_method
+    from tlora.training.registry import build_method
 
     llama, calibration = _setup(model, num_samples, seq_len, device)
     directory = tempfile.mkdtemp(prefix="tlora-bench-")

@@ -27,7 +27,7 @@ and is scored on that task's test split. Every adapter method gets the same opti
 schedule (linear warm-up over 6 % of the steps, then linear decay), epochs, batch size, target modules and nominal
 r / alpha (LoRA at half rank keeps alpha / r); the classification head trains in every method (PEFT's
 modules_to_save). Data-driven methods calibrate on the same number of training rows drawn with the run's seed.
-Methods are built by the training core's method table (PEFT's own implementations).
+Methods are built by the training core's method registry (PEFT's own implementations).
 """
 
 from __future__ import annotations
@@ -271,10 +271,10 @@ class _Calibration:
 
 
 def build_adapter(method: str, base, config: dict, seed: int, train_set, collator, output_dir: str, device: str):
-    """The model to train for a bench method, built by the training core's method table; returns (built, seconds)."""
+    """The model to train for a bench method, built by the training core's method registry; returns (built, seconds)."""
     from tlora.training.data import CalibrationSet, calibration_indices
 
-    from tlora.training.methods import build_method
+    from tlora.training.registry import build_method
 
     core_method, factor = METHODS[method]
     r = max(1, int(round(config["r"] * factor)))

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common import (LABELS, METHODS, Settings, comma_selection, fmt, machine_info, markdown_table, mean,
+from common import (LABELS, METHODS, Settings, calibrated, comma_selection, fmt, machine_info, markdown_table, mean,
                     parse_overrides, part_header,
                     shared_data_dir, std, target_check, targets_markdown, write_json)
 from finetune import COMMONSENSE_TASKS, base_model_path, prepare_commonsense, prepare_math, run_one
@@ -69,7 +69,7 @@ def reusable(run: dict, old_config: Optional[dict], config: dict) -> bool:
     """Whether a stored run was made with these sizes (calibration sizes matter only to the calibrated methods)."""
     if old_config is None:
         return False
-    if METHODS[run["method"]][0] in ("corda", "loraga", "eva", "tlora"):
+    if calibrated(run["method"]):
         return old_config == config
     ignore = set(CALIBRATION_KEYS)
     return {k: v for k, v in old_config.items() if k not in ignore} == {k: v for k, v in config.items() if k not in ignore}

@@ -69,13 +69,13 @@ def sizes(scale: str) -> dict[str, Any]:
 
 def _model_path(model: str, work: str) -> str:
     if model == "tiny":
-        from tlora.training.toy_model import write_toy_model
+        from tlora.fixtures.toy_model import write_toy_model
 
         path = Path(work) / "tiny-llama"
         if not (path / "config.json").is_file():
             write_toy_model(path, hidden_size=32, num_layers=2)
         return str(path)
-    from tlora.pretrained import smollm2_path
+    from tlora.demo.pretrained import smollm2_path
 
     return str(smollm2_path())
 

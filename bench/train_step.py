@@ -1,6 +1,6 @@
 """Part 3 — training step: time per optimiser step and peak memory of LoRA (A and B trained), LoRA with A frozen,
 TLoRA at the same nominal r (B only, allocated ranks), DoRA and full fine-tuning, on the same batch with AdamW, as
-ratios to LoRA. Every method is built by the training core's method table; each case runs in a fresh process.
+ratios to LoRA. Every method is built by the training core's method registry; each case runs in a fresh process.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def sizes(scale: str) -> dict[str, Any]:
 
 
 def _build(method: str, model: dict, r: int, device: str, tlora_dir: str, calibration, resume: bool):
-    """The model to train for `method`, built through the training core's method table."""
-    from tlora.training.methods import build_method
+    """The model to train for `method`, built through the training core's method registry."""
+    from tlora.training.registry import build_method
 
     llama = random_llama(model, device=device, seed=0)
     core_method = "lora" if method == "lora_frozen_A" else method
@@ -77,7 +77,7 @@ def prepare_tlora(model: dict, device: str, r: int, calibration_samples: int, ca
                   seq_len: int, output_dir: str, **_: Any) -> dict:
     """Calibrate TLoRA once (training core's build_tlora), leaving tlora_plan.json and the initial A in output_dir."""
     calibration = calibration_set(random_examples(calibration_samples, seq_len, model["vocab_size"], seed=1))
-    from tlora.training.methods import build_method
+    from tlora.training.registry import build_method
 
     llama = random_llama(model, device=device, seed=0)
     context = method_context(llama, "tlora", r, calibration_batch_size, calibration, output_dir, device,

@@ -14,7 +14,7 @@ from test_bench_smoke import _check_header, _check_targets, _load, _run_bench
 
 def _lora_parameters(r: int) -> int:
     """Trainable parameters of LoRA at rank r on the seven projections of the tiny Llama the part writes."""
-    from tlora.toy import tiny_llama
+    from tlora.fixtures.toy import tiny_llama
 
     model = tiny_llama(hidden_size=32, num_layers=2, seed=0)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

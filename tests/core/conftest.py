@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from tlora.toy import byte_tokenizer, tiny_llama
+from tlora.fixtures.toy import byte_tokenizer, tiny_llama
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

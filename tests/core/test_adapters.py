@@ -105,7 +105,7 @@ def test_load_tlora_model_refuses_a_folder_without_its_plan(llama, samples, tmp_
     import pytest
 
     from tlora.outputs import AdapterFolderError
-    from tlora.toy import tiny_llama
+    from tlora.fixtures.toy import tiny_llama
 
     _trained_tlora(llama, samples).save_pretrained(tmp_path)  # the adapter alone, no tlora_plan.json beside it
     base = tiny_llama(hidden_size=32, num_layers=2, intermediate_size=48, num_heads=4, seed=0)

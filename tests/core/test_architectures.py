@@ -91,7 +91,7 @@ def test_bert_sequence_classifier_trains_its_head_and_B(samples):
 
 
 def test_bfloat16_model_gets_float32_statistics_and_float32_A(samples):
-    from tlora.toy import tiny_llama
+    from tlora.fixtures.toy import tiny_llama
 
     full = tiny_llama(hidden_size=32, num_layers=2, intermediate_size=48, num_heads=4, seed=0)
     half = copy.deepcopy(full).to(torch.bfloat16)

@@ -24,7 +24,7 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, {here!r})
     from conftest import LLAMA_TARGETS, make_samples, pad_batches
     from tlora import TLoRAConfig, get_tlora_model
-    from tlora.toy import byte_tokenizer, tiny_llama
+    from tlora.fixtures.toy import byte_tokenizer, tiny_llama
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

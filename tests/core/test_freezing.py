@@ -51,7 +51,7 @@ def test_an_optimiser_step_changes_B_and_leaves_A_bit_identical(tlora_model, sam
 
 
 def test_reloading_for_training_refreezes_A_from_the_plan(tlora_model, tmp_path):
-    from tlora.toy import tiny_llama
+    from tlora.fixtures.toy import tiny_llama
 
     tlora_model.save_pretrained(tmp_path)
     write_plan_reports(tlora_model.base_model.tlora_plan(), tmp_path)

@@ -48,7 +48,7 @@ def test_statistics_match_float64_reference_on_padded_batches(llama, samples, re
 
 def test_covariance_blocks_of_wide_modules_match_float64_reference(samples):
     # hidden 256: the covariances are accumulated by column blocks (upper triangle) and mirrored at the end.
-    from tlora.toy import tiny_llama
+    from tlora.fixtures.toy import tiny_llama
 
     model = tiny_llama(hidden_size=256, num_layers=1, intermediate_size=320, num_heads=4, seed=0)
     names = [t.name for t in find_target_modules(model, _config())]

@@ -9,7 +9,7 @@ from peft import PeftModel
 from peft.tuners.lora import bnb as peft_bnb
 
 from tlora import CalibrationError, TLoRAConfig, compute_statistics, find_target_modules, get_tlora_model
-from tlora.toy import tiny_llama
+from tlora.fixtures.toy import tiny_llama
 from conftest import LLAMA_TARGETS, pad_batches
 
 bnb = pytest.importorskip("bitsandbytes")

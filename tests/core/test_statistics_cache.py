@@ -12,7 +12,7 @@ from conftest import LLAMA_TARGETS, CountingBatches, pad_batches
 from tlora import CalibrationError, StatisticsMismatchError, TLoRAConfig, TLoRAStatistics, get_tlora_model
 from tlora.calibration.cache import RowDigest
 from tlora.targets import weight_fingerprint
-from tlora.toy import tiny_llama
+from tlora.fixtures.toy import tiny_llama
 from two_ranks import run_two_ranks
 
 

@@ -14,7 +14,7 @@ from tlora import (
     get_tlora_model,
     plan_from_statistics,
 )
-from tlora.toy import tiny_llama
+from tlora.fixtures.toy import tiny_llama
 
 
 def _fresh():

@@ -17,7 +17,7 @@ import torch, torch.distributed as dist
 sys.path.insert(0, {here!r})
 from conftest import LLAMA_TARGETS, make_samples, pad_batches
 from tlora import TLoRAConfig, compute_statistics, get_tlora_model
-from tlora.toy import byte_tokenizer, tiny_llama
+from tlora.fixtures.toy import byte_tokenizer, tiny_llama
 
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds={collective_timeout}))
 rank = dist.get_rank()

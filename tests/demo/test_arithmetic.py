@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tlora.arithmetic import ANSWER_PREFIX, TEMPLATES, arithmetic_problems, split_problems
+from tlora.demo.arithmetic import ANSWER_PREFIX, TEMPLATES, arithmetic_problems, split_problems
 
 EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 
@@ -43,7 +43,7 @@ def test_training_and_held_out_problems_share_no_question():
 
 
 def test_asking_for_more_distinct_problems_than_exist_is_a_clear_error(monkeypatch):
-    import tlora.arithmetic as arithmetic
+    import tlora.demo.arithmetic as arithmetic
 
     monkeypatch.setattr(arithmetic, "TEMPLATES", (lambda rng: ("same question", "1 + 1 = 2.", 2),))
     with pytest.raises(ValueError, match="distinct arithmetic problems"):

@@ -1,4 +1,4 @@
-"""tlora.pretrained: the packaged SmolLM2 becomes a plain safetensors folder once, and a missing wheel says what to install."""
+"""tlora.demo.pretrained: the packaged SmolLM2 becomes a plain safetensors folder once, and a missing wheel says what to install."""
 
 import importlib.util
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from tlora import pretrained
-from tlora.pretrained import PretrainedModelError, cache_directory, find_smollm2_gguf, smollm2_path
+from tlora.demo import pretrained
+from tlora.demo.pretrained import PretrainedModelError, cache_directory, find_smollm2_gguf, smollm2_path
 
 
 def test_missing_wheel_names_the_install_command(monkeypatch):

@@ -12,7 +12,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 def printable_tiny_llama(seed: int = 0):
     """The toy Llama with its output head limited to printable ASCII bytes (so generations are readable text)."""
     import torch
-    from tlora.toy import byte_tokenizer, tiny_llama
+    from tlora.fixtures.toy import byte_tokenizer, tiny_llama
 
     tokenizer = byte_tokenizer()
     model = tiny_llama(seed=seed)

@@ -23,7 +23,7 @@ from tlora.evaluation.code import (
 )
 from tlora.evaluation.common import DataFormatError
 from tlora.evaluation.generation import CallableBackend
-from tlora.prompts import format_prompt
+from tlora.data.prompts import format_prompt
 
 ADD_TASK = CodeTask(
     task_id="HumanEval/900",

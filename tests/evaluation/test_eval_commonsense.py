@@ -11,7 +11,7 @@ from tlora.evaluation import commonsense
 from tlora.evaluation.common import DataFormatError, EvaluationArguments, ModelArguments, read_json_rows
 from tlora.evaluation.commonsense import CommonsenseArguments, extract_answer, run
 from tlora.evaluation.generation import CallableBackend
-from tlora.prompts import format_prompt
+from tlora.data.prompts import format_prompt
 
 SHIPPED_TASKS = ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
 SAMPLE = 40  # rows per task

@@ -19,7 +19,7 @@ from tlora.evaluation.common import (
 )
 from tlora.evaluation.generation import CallableBackend
 from tlora.evaluation.protocols import PAPER_STOP_STRINGS
-from tlora.prompts import format_prompt
+from tlora.data.prompts import format_prompt
 
 
 def write_rows(path, rows) -> str:

@@ -16,7 +16,7 @@ from tlora.evaluation.generation import (
     make_backend,
     truncate_at_stop,
 )
-from tlora.prompts import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, format_prompt
+from tlora.data.prompts import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, format_prompt
 
 PROMPTS = [
     format_prompt("What is 2 + 2?"),

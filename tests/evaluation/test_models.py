@@ -104,7 +104,7 @@ def test_adapter_is_merged_and_matches_the_peft_model(tiny_model_dir, tiny_adapt
 
 
 def test_tokenizer_comes_from_the_adapter_directory_when_it_has_one(tmp_path, tiny_adapter_dir):
-    from tlora.toy import byte_tokenizer
+    from tlora.fixtures.toy import byte_tokenizer
 
     adapter = tmp_path / "adapter_with_tokenizer"
     shutil.copytree(tiny_adapter_dir, adapter)

@@ -20,7 +20,7 @@ from tlora.evaluation.mt_bench import (
     make_single_matches,
     question_temperature,
 )
-from tlora.prompts import format_prompt
+from tlora.data.prompts import format_prompt
 
 
 @pytest.fixture(scope="module")

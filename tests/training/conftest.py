@@ -12,7 +12,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random 2-layer Llama (hidden 64, all seven projections) and the byte-level tokenizer, saved to disk."""
-    from tlora.training.toy_model import write_toy_model
+    from tlora.fixtures.toy_model import write_toy_model
 
     return write_toy_model(tmp_path_factory.mktemp("tiny-llama"))
 
@@ -20,7 +20,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     """The in-memory byte-level tokenizer (260 tokens, BOS added, EOS id 2)."""
-    from tlora.toy import byte_tokenizer as build
+    from tlora.fixtures.toy import byte_tokenizer as build
 
     return build()
 

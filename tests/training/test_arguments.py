@@ -135,3 +135,49 @@ def test_overwrite_output_dir_is_a_flag_of_the_training_arguments():
     training = parse_training_arguments(load_task("math_train.py"), ["--overwrite_output_dir"])[3]
     assert training.overwrite_output_dir is True
     assert parse_training_arguments(load_task("math_train.py"), [])[3].overwrite_output_dir is False
+
+
+def test_every_tlora_config_field_is_an_option_with_the_configs_choices():
+    """TLoRAConfig's own fields are the TLoRA options (a new field needs no edit of arguments.py); the choices are
+    the config's, and a value outside them is refused by the parser."""
+    import torch
+    from peft import TaskType
+
+    from tlora.config import SVD_METHODS
+    from tlora.training.methods import MethodContext, tlora_config
+
+    _, _, method, training = parse_training_arguments(
+        load_task("math_train.py"),
+        ["--svd_niter", "3", "--svd_oversampling", "5", "--statistics_dtype", "float64", "--lora_r", "8"],
+    )
+    context = MethodContext(
+        model=torch.nn.Linear(2, 2), arguments=method, training_args=training, task_type=TaskType.CAUSAL_LM,
+        calibration=None, output_dir=training.output_dir, total_steps=1,
+    )
+    config = tlora_config(context)
+    assert (config.svd_niter, config.svd_oversampling, config.statistics_dtype) == (3, 5, "float64")
+    assert not hasattr(method, "freeze_lora_A")  # kept off the command line: the training core keeps A frozen
+    svd_action = next(a for a in build_parser(load_task("math_train.py"))._actions if a.dest == "svd_method")
+    assert list(svd_action.choices) == list(SVD_METHODS)
+    with pytest.raises(SystemExit):
+        parse_training_arguments(load_task("math_train.py"), ["--statistics_dtype", "float16"])
+
+
+def test_method_choices_builders_and_labels_come_from_one_registry():
+    from tlora.evaluation.report import display_method
+    from tlora.methods_table import METHOD_TABLE
+    from tlora.training import METHOD_BUILDERS, METHODS
+    from tlora.training.registry import BASE_MODIFYING_METHODS, CALIBRATED_METHODS
+
+    names = tuple(entry.name for entry in METHOD_TABLE)
+    assert METHODS == names and tuple(METHOD_BUILDERS) == names
+    assert [METHOD_BUILDERS[name].__name__ for name in ("lora", "adalora", "corda", "tlora")] == [
+        "build_lora", "build_adalora", "build_corda", "build_tlora"
+    ]
+    assert [display_method(name) for name in ("loraga", "lora+", "full_finetuning", "tlora", "mine")] == [
+        "LoRA-GA", "LoRA+", "FULL", "TLoRA", "mine"
+    ]
+    assert BASE_MODIFYING_METHODS == ("olora", "pissa", "loraga", "corda")
+    assert CALIBRATED_METHODS == ("loraga", "corda", "eva", "tlora")
+    method_action = next(a for a in build_parser(load_task("math_train.py"))._actions if a.dest == "method")
+    assert list(method_action.choices) == list(names)

@@ -37,7 +37,8 @@ def _adalora_on_rank(rank: int, world_size: int, port: int, model_dir: str, outp
 
     from tlora.training.core import build_task_data, build_trainer, load_tokenizer, parse_training_arguments
     from tlora.training.data import PaddingCollator
-    from tlora.training.methods import MethodContext, build_method
+    from tlora.training.methods import MethodContext
+    from tlora.training.registry import build_method
 
     arguments = tiny_run_arguments(
         Path(model_dir), Path(output_dir), "adalora",
@@ -118,7 +119,8 @@ def corda_adapter(model_dir: Path, output_dir: Path, pad_to_multiple_of) -> dict
 
     from tlora.training.core import build_task_data, load_tokenizer, parse_training_arguments
     from tlora.training.data import PaddingCollator, draw_calibration_set
-    from tlora.training.methods import MethodContext, build_method
+    from tlora.training.methods import MethodContext
+    from tlora.training.registry import build_method
 
     model_args, data_args, method_args, training_args = parse_training_arguments(
         MATH, tiny_run_arguments(model_dir, output_dir, "corda")
@@ -151,7 +153,7 @@ def test_corda_module_by_module_equals_peft_and_holds_one_full_U_at_a_time(tiny_
     from peft.tuners.lora.config import CordaConfig
     from transformers import AutoModelForCausalLM
 
-    from tlora.training.methods import preprocess_corda_module_by_module
+    from tlora.training.baselines import preprocess_corda_module_by_module
 
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights="corda",
                         corda_config=CordaConfig(corda_method="ipm"))
@@ -195,7 +197,8 @@ def test_loraplus_refuses_a_deepspeed_optimizer_block(tiny_model_dir, tmp_path):
     from tlora.training.core import parse_training_arguments
     from training_helpers import DS_CONFIG
 
-    from tlora.training.methods import MethodContext, build_method
+    from tlora.training.methods import MethodContext
+    from tlora.training.registry import build_method
 
     config = json.loads(DS_CONFIG.read_text())
     config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}
@@ -219,7 +222,7 @@ def test_loraplus_refuses_a_deepspeed_optimizer_block(tiny_model_dir, tmp_path):
 
 def _rank_pattern_on_rank(rank: int, world_size: int, port: int, differ: bool, report: str) -> None:
     """One rank of a gloo group that checks an EVA rank pattern (rank 1's differs when `differ`)."""
-    from tlora.training.methods import check_rank_pattern_across_ranks
+    from tlora.training.baselines import check_rank_pattern_across_ranks
     from training_helpers import report_on_gloo_rank
 
     pattern = {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.mlp.up_proj": 4}
@@ -241,7 +244,7 @@ def test_eva_rank_patterns_are_checked_against_rank_0(differ, tmp_path):
 
 
 def test_eva_refuses_calibration_batches_with_fewer_tokens_than_its_largest_rank():
-    from tlora.training.methods import check_eva_batches
+    from tlora.training.baselines import check_eva_batches
 
     labels = torch.tensor([[-100, -100, 5, 6, 7], [-100, 3, 4, -100, -100]])  # 5 labelled tokens
     batch = {"attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]), "labels": labels}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tlora.prompts import format_prompt
-from tlora.rows import DataFormatError, load_rows
+from tlora.data.prompts import format_prompt
+from tlora.data.rows import DataFormatError, load_rows
 from tlora.training.data import (
     IGNORE_INDEX,
     InstructionFields,

@@ -96,7 +96,8 @@ def _resume_on_rank(rank: int, world_size: int, port: int, model_dir: str, direc
     from transformers import AutoModelForCausalLM
 
     from tlora.training.core import parse_training_arguments
-    from tlora.training.methods import MethodContext, build_method
+    from tlora.training.methods import MethodContext
+    from tlora.training.registry import build_method
     from training_helpers import load_task, report_on_gloo_rank
 
     def rebuild() -> None:

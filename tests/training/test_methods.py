@@ -179,7 +179,8 @@ def test_tlora_resume_rebuilds_A_and_refuses_a_foreign_A(tiny_model_dir, tmp_pat
 
 def test_loraplus_optimizer_gives_B_a_larger_learning_rate(tiny_model_dir, tmp_path):
     from tlora.training.core import MethodTrainer, parse_training_arguments
-    from tlora.training.methods import MethodContext, build_method
+    from tlora.training.methods import MethodContext
+    from tlora.training.registry import build_method
     from peft import TaskType
 
     _, _, method_args, training_args = parse_training_arguments(

@@ -21,7 +21,7 @@ MATH = load_task("math_train.py")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny Llama whose widths are multiples of 64 (bitsandbytes' 4-bit CPU kernels need whole blocks)."""
-    from tlora.toy import byte_tokenizer, tiny_llama
+    from tlora.fixtures.toy import byte_tokenizer, tiny_llama
 
     directory = tmp_path_factory.mktemp("tiny-llama-64")
     tiny_llama(hidden_size=64, num_layers=2, intermediate_size=128, seed=0).save_pretrained(directory)

@@ -45,7 +45,7 @@ def test_training_and_evaluation_read_every_format_alike(variant, tmp_path, byte
 
 def test_one_error_class_and_one_set_of_names():
     import tlora.evaluation.common as evaluation
-    import tlora.rows as rows
+    import tlora.data.rows as rows
     import tlora.training as training
 
     assert evaluation.DataFormatError is rows.DataFormatError is training.DataFormatError
@@ -54,7 +54,7 @@ def test_one_error_class_and_one_set_of_names():
 
 
 def test_errors_name_the_file_and_line_in_a_gzipped_file(tmp_path):
-    from tlora.rows import DataFormatError, load_rows
+    from tlora.data.rows import DataFormatError, load_rows
 
     path = tmp_path / "bad.jsonl.gz"
     with gzip.open(path, "wt", encoding="utf-8") as handle:
@@ -76,7 +76,7 @@ def test_errors_name_the_file_and_line_in_a_gzipped_file(tmp_path):
 
 
 def test_local_paths_and_hub_ids_are_told_apart(tmp_path):
-    from tlora.rows import is_local_path
+    from tlora.data.rows import is_local_path
 
     assert is_local_path("rows.jsonl.gz") and is_local_path("./data") and is_local_path(str(tmp_path))
     assert is_local_path("~/data/test.parquet")
@@ -84,7 +84,7 @@ def test_local_paths_and_hub_ids_are_told_apart(tmp_path):
 
 
 def test_max_samples_cut_keeps_the_whole_source_reachable(tmp_path):
-    from tlora.rows import load_rows
+    from tlora.data.rows import load_rows
 
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"query": str(i), "response": str(i)}) + "\n" for i in range(10)))

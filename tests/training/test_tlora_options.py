@@ -35,8 +35,8 @@ def test_statistics_options_reach_tlora(tmp_path, monkeypatch):
         seen.update(kwargs, statistics_device=config.statistics_device)
         raise _Stop
 
-    monkeypatch.setattr("tlora.training.methods.get_tlora_model", fake_get_tlora_model)
-    monkeypatch.setattr("tlora.training.methods.base_weights_fingerprint", lambda model, config: "")
+    monkeypatch.setattr("tlora.resume.get_tlora_model", fake_get_tlora_model)
+    monkeypatch.setattr("tlora.resume.base_weights_fingerprint", lambda model, config: "")
     with pytest.raises(_Stop):
         build_tlora(context)
     assert seen["statistics_cache"] == str(cache)

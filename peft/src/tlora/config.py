@@ -76,7 +76,11 @@ class TLoRAConfig(LoraConfig):
             "module keeps the nominal scaling alpha / r."
         },
     )
-    freeze_lora_A: bool = field(default=True, metadata={"help": "Keep A frozen at its SVD initialisation (train B only)."})
+    # "cli": False keeps a field off the training scripts' command line (every other TLoRA field becomes an option
+    # there, see tlora.training.arguments): the training core always keeps A frozen and checks that it stays so.
+    freeze_lora_A: bool = field(
+        default=True, metadata={"help": "Keep A frozen at its SVD initialisation (train B only).", "cli": False}
+    )
     sensitivity: SensitivityMode = field(
         default=PER_SAMPLE,
         metadata={
@@ -84,7 +88,7 @@ class TLoRAConfig(LoraConfig):
             "size). 'batch': |W * grad| of each micro-batch's loss, an approximation that is cheaper at large batches."
         },
     )
-    svd_method: Literal["gram", "exact", "randomized"] = field(
+    svd_method: Literal[SVD_METHODS] = field(
         default="gram",
         metadata={
             "help": "How the top right singular vectors of W C are found: 'gram' (eigh of the smaller Gram matrix, "
@@ -93,7 +97,7 @@ class TLoRAConfig(LoraConfig):
     )
     svd_oversampling: int = field(default=16, metadata={"help": "Extra columns for svd_method='randomized'."})
     svd_niter: int = field(default=8, metadata={"help": "Power iterations for svd_method='randomized'."})
-    statistics_dtype: Literal["float32", "float64"] = field(
+    statistics_dtype: Literal[STATISTICS_DTYPES] = field(
         default="float32", metadata={"help": "Accumulation dtype of the calibration statistics."}
     )
     statistics_device: Optional[str] = field(

@@ -55,7 +55,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..prompts import format_prompt
+from ..data.prompts import format_prompt
 from .common import DataFormatError, check_prediction_ids, load_rows, read_jsonl, require_fields
 from .protocols import PAPER, ROBUST, ROBUST_STOP_STRINGS, check_protocol, data_record
 from .sandbox import (

@@ -30,7 +30,7 @@ from .protocols import (
 )
 
 from ..constants import RUN_RECORD_FILE as RUN_RECORD_NAME
-from ..rows import DataFormatError, RowSource, is_local_path, load_rows, read_rows
+from ..data.rows import DataFormatError, RowSource, is_local_path, load_rows, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ PREDICTIONS_SUFFIX = "_predictions.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading data: one reader for the whole project (tlora.rows); the scorers keep using these names.
+# Reading data: one reader for the whole project (tlora.data.rows); the scorers keep using these names.
 
 read_jsonl = read_rows  # a predictions or data file as a list of row objects
 read_json_rows = read_rows

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..prompts import format_prompt
+from ..data.prompts import format_prompt
 from .common import (
     DataFormatError,
     EvaluationArguments,

@@ -32,7 +32,7 @@ import unicodedata
 from fractions import Fraction
 from typing import Optional
 
-from ..prompts import format_prompt
+from ..data.prompts import format_prompt
 from .common import DataFormatError, EvaluationItem, protocol_tasks
 from .protocols import ROBUST
 

@@ -22,7 +22,7 @@ import logging
 import re
 from typing import Optional
 
-from ..prompts import format_prompt
+from ..data.prompts import format_prompt
 from . import math_paper
 from .common import DataFormatError, EvaluationItem, protocol_tasks
 from .protocols import ROBUST

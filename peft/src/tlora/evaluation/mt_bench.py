@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..prompts import format_prompt
+from ..data.prompts import format_prompt
 from .common import DataFormatError, check_prediction_ids, read_jsonl, write_jsonl
 from .judge import DEFAULT_JUDGE_MODEL, JudgeClient, parse_rating
 from .protocols import PAPER, data_record

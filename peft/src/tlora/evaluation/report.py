@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..constants import RUN_RECORD_FILE
+from ..methods_table import method_display_names, normalized_method_key
 from .protocols import PAPER, UNRECORDED
 
 logger = logging.getLogger(__name__)
@@ -54,23 +55,9 @@ COMMONSENSE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("OBQA", "openbookqa"),
 )
 
-# The method names as the paper prints them, keyed by a normalized spelling (lower case, no '-', '_' or ' ').
-METHOD_DISPLAY_NAMES = {
-    "full": "FULL",
-    "fullfinetuning": "FULL",
-    "fft": "FULL",
-    "lora": "LoRA",
-    "adalora": "AdaLoRA",
-    "lora+": "LoRA+",
-    "loraplus": "LoRA+",
-    "dora": "DoRA",
-    "olora": "OLoRA",
-    "pissa": "PiSSA",
-    "loraga": "LoRA-GA",
-    "corda": "CorDA",
-    "eva": "EVA",
-    "tlora": "TLoRA",
-}
+# The method names as the paper prints them, keyed by a normalized spelling (lower case, no '-', '_' or ' '): from the
+# method registry (tlora.methods_table).
+METHOD_DISPLAY_NAMES = method_display_names()
 
 # The paper's Table (Llama-2-7B; tlora-method.md): trainable parameters as printed, then percentages / MT-Bench score.
 PAPER_RESULTS: dict[str, dict[str, Any]] = {
@@ -90,8 +77,7 @@ PAPER_BASE_MODEL = "meta-llama/Llama-2-7b-hf"
 
 def display_method(method: str) -> str:
     """The paper's spelling of a method name (`tlora` -> `TLoRA`); unknown names are kept as given."""
-    key = method.lower().replace("-", "").replace("_", "").replace(" ", "")
-    return METHOD_DISPLAY_NAMES.get(key, method)
+    return METHOD_DISPLAY_NAMES.get(normalized_method_key(method), method)
 
 
 def format_parameters(count: Optional[int]) -> str:

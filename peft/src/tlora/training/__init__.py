@@ -1,7 +1,7 @@
 """The training core of the task scripts (math_train.py, commonsense_train.py, code_train.py, chat_train.py,
-nlu_train.py): one data pipeline, prompt, method table and Trainer glue for every method the paper compares."""
+nlu_train.py): one data pipeline, prompt, method registry (`tlora.methods_table`) and Trainer glue for every method the paper compares."""
 
-from ..rows import DataFormatError
+from ..data.rows import DataFormatError
 from .arguments import (
     METHODS,
     DataArguments,
@@ -13,7 +13,7 @@ from .arguments import (
 )
 from .core import main, parse_training_arguments, train
 from .data import PaddingCollator, tokenize_instructions
-from .methods import METHOD_BUILDERS
+from .registry import METHOD_BUILDERS
 from .record import RUN_RECORD_FILE, read_run_record
 
 __all__ = [

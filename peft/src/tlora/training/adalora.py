@@ -1,5 +1,6 @@
-"""AdaLoRA in the training core: its schedule fixed to the real step count, `update_and_allocate` once per optimizer
-step (also under DeepSpeed), and its orthogonal regulariser weighted as its authors intend.
+"""AdaLoRA in the training core: its builder (`build_adalora`), its schedule fixed to the real step count,
+`update_and_allocate` once per optimizer step (also under DeepSpeed), and its orthogonal regulariser weighted as its
+authors intend.
 
 The regulariser. PEFT's `AdaLoraModel.forward` adds `orth_reg_weight * R` (default 0.5) to every micro-batch's loss.
 AdaLoRA's authors (and transformers 4) divided each micro-batch's loss by the accumulation steps and averaged the
@@ -23,6 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from .arguments import MethodArguments
 from .callbacks import unwrap_peft_model
+from .methods import BuiltMethod, MethodContext, target_modules_option
 
 logger = logging.getLogger(__name__)
 
@@ -166,3 +168,29 @@ class OrthogonalRegulariserScale:
             yield
         finally:
             self.config.orth_reg_weight = weight
+
+
+def build_adalora(context: MethodContext) -> BuiltMethod:
+    """AdaLoRA: init_r = lora_r pruned towards target_r; update_and_allocate runs every optimizer step."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    arguments = context.arguments
+    target_r = arguments.adalora_target_r or max(1, arguments.lora_r // 2)
+    schedule = adalora_schedule(arguments, context.total_steps)
+    config = AdaLoraConfig(
+        init_r=arguments.lora_r,
+        target_r=target_r,
+        deltaT=arguments.adalora_delta_t,
+        lora_alpha=arguments.lora_alpha,
+        lora_dropout=arguments.lora_dropout,
+        target_modules=target_modules_option(arguments),
+        task_type=context.task_type,
+        **schedule,
+    )
+    model = get_peft_model(context.model, config)
+    return BuiltMethod(
+        model,
+        callbacks=[AdaLoraCallback(arguments)],
+        loss_context=OrthogonalRegulariserScale(model),
+        details={"init_r": arguments.lora_r, "target_r": target_r, "orth_reg_weight": config.orth_reg_weight, **schedule},
+    )

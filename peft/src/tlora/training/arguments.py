@@ -8,17 +8,22 @@ Every `transformers.TrainingArguments` flag (including `--deepspeed`, `--bf16`, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, get_args, get_origin, get_type_hints
 
+from peft import LoraConfig
 from transformers import HfArgumentParser, TrainingArguments
+
+from ..config import TLoRAConfig
+from ..methods_table import METHOD_NAMES
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("full", "lora", "adalora", "loraplus", "dora", "olora", "pissa", "loraga", "corda", "eva", "tlora")
+METHODS = METHOD_NAMES
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -123,8 +128,8 @@ class DataArguments:
 
 
 @dataclass
-class MethodArguments:
-    """The fine-tuning method and its hyper-parameters (PEFT's reference implementation of each)."""
+class _MethodArgumentsBase:
+    """The fine-tuning method and its hyper-parameters, but the TLoRA options (see `MethodArguments`)."""
 
     method: str = field(default="tlora", metadata={"help": "Fine-tuning method.", "choices": list(METHODS)})
     lora_r: int = field(default=128, metadata={"help": "LoRA rank r (TLoRA: the nominal rank; AdaLoRA: init_r)."})
@@ -171,40 +176,13 @@ class MethodArguments:
         default=False,
         metadata={"help": "Also write the merged full model and tokenizer to <output_dir>/merged (ready for vLLM)."},
     )
-    # ----- TLoRA -----
-    rank_budget: Optional[int] = field(
-        default=None, metadata={"help": "TLoRA: total rank R (default r x number of target modules)."}
-    )
-    parameter_budget: Optional[int] = field(
-        default=None, metadata={"help": "TLoRA: trainable-parameter budget instead of a rank budget."}
-    )
-    min_rank: int = field(default=0, metadata={"help": "TLoRA: smallest rank a module may receive (0: may be dropped)."})
-    max_rank: Optional[int] = field(
-        default=None,
-        metadata={
-            "help": "TLoRA: largest rank a module may receive, the excess going to the others (e.g. 128 to serve the "
-            "adapter unmerged with vLLM --max-lora-rank 128). Default: no cap but min(out, in)."
-        },
-    )
-    allocate_scales: bool = field(default=True, metadata={"help": "TLoRA: allocate per-module scales alpha_l."})
-    sensitivity: str = field(
-        default="per_sample",
-        metadata={"help": "TLoRA sensitivity mode.", "choices": ["per_sample", "batch"]},
-    )
-    svd_method: str = field(
-        default="gram",
-        metadata={"help": "TLoRA: how the top singular vectors of W C are found.", "choices": ["gram", "exact", "randomized"]},
-    )
+    # ----- TLoRA (the TLoRAConfig fields are added below, see `tlora_option_fields`) -----
     statistics_cache: Optional[str] = field(
         default=None,
         metadata={
             "help": "TLoRA: safetensors file to reuse calibration statistics from (written if absent; reused only "
             "for the same calibration rows and seed, decided by rank 0)."
         },
-    )
-    statistics_device: Optional[str] = field(
-        default=None,
-        metadata={"help": "TLoRA: device that holds the calibration statistics (e.g. 'cpu'); default each module's."},
     )
     # ----- baselines -----
     loraplus_lr_ratio: float = field(default=16.0, metadata={"help": "LoRA+: learning-rate ratio lr_B / lr_A."})
@@ -250,6 +228,35 @@ class MethodArguments:
             raise ValueError(f"--calibration_samples must be positive, got {self.calibration_samples}")
         if self.calibration_batch_size <= 0:
             raise ValueError(f"--calibration_batch_size must be positive, got {self.calibration_batch_size}")
+
+
+def tlora_option_fields() -> list[tuple[str, Any, Any]]:
+    """The TLoRA options of the command line: every `TLoRAConfig` field that plain `LoraConfig` lacks (but those
+    marked `"cli": False`), with its default and help; a Literal type becomes a string with its values as choices."""
+    lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    hints = get_type_hints(TLoRAConfig)
+    options = []
+    for config_field in dataclasses.fields(TLoRAConfig):
+        if config_field.name in lora_fields or not config_field.init or config_field.metadata.get("cli") is False:
+            continue
+        kind, metadata = hints[config_field.name], {"help": "TLoRA: " + config_field.metadata.get("help", "")}
+        if get_origin(kind) is Literal:
+            kind, metadata["choices"] = str, list(get_args(kind))
+        options.append((config_field.name, kind, field(default=config_field.default, metadata=metadata)))
+    return options
+
+
+MethodArguments = dataclasses.make_dataclass(
+    "MethodArguments", tlora_option_fields(), bases=(_MethodArgumentsBase,), namespace={"__module__": __name__}
+)
+MethodArguments.__doc__ = """The fine-tuning method and its hyper-parameters (PEFT's reference implementation of each); the
+TLoRA options are `TLoRAConfig`'s own fields (`tlora_option_fields`)."""
+TLORA_OPTIONS: tuple[str, ...] = tuple(name for name, _, _ in tlora_option_fields())
+
+
+def tlora_options(arguments: Any) -> dict[str, Any]:
+    """The values of the TLoRA options in `arguments`, as `TLoRAConfig` keyword arguments."""
+    return {name: getattr(arguments, name) for name in TLORA_OPTIONS}
 
 
 def split_names(names: Sequence[str]) -> list[str]:

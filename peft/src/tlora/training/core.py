@@ -29,8 +29,8 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, se
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..constants import MERGED_DIR, PLAN_FILE, RUN_RECORD_FILE, TLORA_INIT_FILE
+from ..data.rows import RowSource, is_local_path, load_rows
 from ..outputs import MERGED_STAGING_DIR, STAGING_DIR, OutputFolderError, build_manifest, publish_staged, run_artifacts
-from ..rows import RowSource, is_local_path, load_rows
 from .arguments import (
     DataArguments,
     MethodArguments,
@@ -53,7 +53,8 @@ from .data import (
     draw_calibration_set,
     label_names,
 )
-from .methods import BASE_MODIFYING_METHODS, CALIBRATED_METHODS, BuiltMethod, MethodContext, build_method
+from .methods import BuiltMethod, MethodContext
+from .registry import BASE_MODIFYING_METHODS, CALIBRATED_METHODS, build_method
 from .record import arguments_record, library_versions, write_run_record
 
 logger = logging.getLogger(__name__)
@@ -540,6 +541,38 @@ def train(
     check_output_dir(training_args, resume)
     set_seed(training_args.seed)
 
+    inputs = load_run_inputs(task, model_args, data_args, method_args, training_args)
+    total_steps = estimate_total_steps(len(inputs.data.train), training_args)
+    record = initial_record(
+        task, model_args, data_args, method_args, training_args, inputs.data, inputs.calibration, resume
+    )
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_record(output_dir, record)
+    built = build_recorded_method(task, method_args, training_args, inputs, resume, total_steps, record)
+    return train_and_save(task, built, method_args, training_args, inputs, resume, record, started)
+
+
+@dataclass
+class RunInputs:
+    """What a run loads before its method is built: tokenizer, data, collator, calibration set and base model."""
+
+    tokenizer: PreTrainedTokenizerBase
+    data: TaskData
+    collator: PaddingCollator
+    calibration: Optional[CalibrationSet]
+    model: torch.nn.Module
+
+
+def load_run_inputs(
+    task: TaskDefaults,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    method_args: MethodArguments,
+    training_args: TrainingArguments,
+) -> RunInputs:
+    """Load the tokenizer and data (main process first), draw the calibration set and load the base model."""
+    is_main = training_args.process_index == 0
     with training_args.main_process_first(desc="loading the tokenizer and data"):  # one download, then the cache
         tokenizer = load_tokenizer(model_args)
         data = build_task_data(task, data_args, tokenizer, show_progress=is_main)
@@ -554,19 +587,27 @@ def train(
         model = load_base_model(task, model_args, dtype, tokenizer, data.labels, device=training_args.device)
     if not getattr(model, "is_quantized", False):  # a quantised base was placed while loading
         model.to(training_args.device)
-    total_steps = estimate_total_steps(len(data.train), training_args)
-    record = initial_record(task, model_args, data_args, method_args, training_args, data, calibration, resume)
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_run_record(output_dir, record)
+    return RunInputs(tokenizer, data, collator, calibration, model)
 
+
+def build_recorded_method(
+    task: TaskDefaults,
+    method_args: MethodArguments,
+    training_args: TrainingArguments,
+    inputs: RunInputs,
+    resume: Optional[str],
+    total_steps: int,
+    record: dict[str, Any],
+) -> BuiltMethod:
+    """Build the method on the base model and add its parameters, details and timings to the run record."""
+    is_main = training_args.process_index == 0
     context = MethodContext(
-        model=model,
+        model=inputs.model,
         arguments=method_args,
         training_args=training_args,
         task_type=_task_type(task),
-        calibration=calibration,
-        output_dir=output_dir,
+        calibration=inputs.calibration,
+        output_dir=Path(training_args.output_dir),
         total_steps=total_steps,
         resume=resume is not None,
         is_main_process=is_main,
@@ -586,17 +627,32 @@ def train(
         calibration_wall_time_s=round(built.calibration_seconds, 3),
         initialization_wall_time_s=round(initialization_seconds, 3),
     )
-    if calibration is not None:
+    if inputs.calibration is not None:
         record["calibration"]["wall_time_s"] = round(built.calibration_seconds, 3)
     if is_main:
-        write_run_record(output_dir, record)
+        write_run_record(Path(training_args.output_dir), record)
+    return built
 
-    trainer = build_trainer(task, built, training_args, data, collator, tokenizer)
+
+def train_and_save(
+    task: TaskDefaults,
+    built: BuiltMethod,
+    method_args: MethodArguments,
+    training_args: TrainingArguments,
+    inputs: RunInputs,
+    resume: Optional[str],
+    record: dict[str, Any],
+    started: float,
+) -> dict[str, Any]:
+    """Train the built model, save its outputs (and the merged model with --merge) and finish the run record."""
+    is_main = training_args.process_index == 0
+    output_dir = Path(training_args.output_dir)
+    trainer = build_trainer(task, built, training_args, inputs.data, inputs.collator, inputs.tokenizer)
     training_started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     training_seconds = time.perf_counter() - training_started
 
-    save_outputs(trainer, built, tokenizer, method_args.method, output_dir)
+    save_outputs(trainer, built, inputs.tokenizer, method_args.method, output_dir)
     record.update(
         status="finished",
         training_wall_time_s=round(training_seconds, 3),
@@ -605,10 +661,10 @@ def train(
         train_metrics=result.metrics,
         optimizer_learning_rates=sorted({group.get("initial_lr", group["lr"]) for group in trainer.optimizer.param_groups}),
     )
-    if data.evaluation is not None:
+    if inputs.data.evaluation is not None:
         record["eval_metrics"] = trainer.evaluate()
     if method_args.merge:
-        record["merged_model"] = str(save_merged(trainer, tokenizer, output_dir))
+        record["merged_model"] = str(save_merged(trainer, inputs.tokenizer, output_dir))
     record["outputs"] = sorted(p.name for p in output_dir.iterdir()) if is_main else []
     record["total_wall_time_s"] = round(time.perf_counter() - started, 3)
     if is_main:

@@ -1,4 +1,4 @@
-"""Training data (rows read by `tlora.rows`): check their fields, build the Alpaca prompt, tokenize, pad, draw the calibration set.
+"""Training data (rows read by `tlora.data.rows`): check their fields, build the Alpaca prompt, tokenize, pad, draw the calibration set.
 
 A generation example is `prompt + response + "\\n"` tokenized in one piece, followed by the EOS token *id* (appended
 as a token, never as text, so no tokenizer can split or drop it). Labels are the input ids with every token that
@@ -17,8 +17,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..prompts import format_prompt
-from ..rows import DataFormatError, RowSource
+from ..data.prompts import format_prompt
+from ..data.rows import DataFormatError, RowSource
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ model, so the first call converts it once into a plain safetensors folder (confi
 template) in a cache directory; every tool here (training scripts, evaluation, vLLM) then reads that folder like any
 hub checkpoint:
 
-    from tlora.pretrained import smollm2_path
+    from tlora.demo.pretrained import smollm2_path
     model = AutoModelForCausalLM.from_pretrained(smollm2_path())
 """
 

