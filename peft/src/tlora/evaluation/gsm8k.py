@@ -33,7 +33,8 @@ from fractions import Fraction
 from typing import Optional
 
 from ..prompts import format_prompt
-from .common import DataFormatError, EvaluationItem, protocol_tasks
+from .answers import EvaluationItem, protocol_tasks
+from .common import DataFormatError
 from .protocols import ROBUST
 
 logger = logging.getLogger(__name__)

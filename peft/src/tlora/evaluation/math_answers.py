@@ -24,7 +24,8 @@ from typing import Optional
 
 from ..prompts import format_prompt
 from . import math_paper
-from .common import DataFormatError, EvaluationItem, protocol_tasks
+from .answers import EvaluationItem, protocol_tasks
+from .common import DataFormatError
 from .protocols import ROBUST
 
 logger = logging.getLogger(__name__)
