@@ -14,8 +14,7 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
-from tlora.evaluation import make_backend
-from tlora.evaluation.common import ModelArguments, configure_logging
+from tlora.evaluation.common import ModelArguments, backend_for, configure_logging
 from tlora.evaluation.mt_bench import (
     DEFAULT_QUESTION_FILE,
     MAX_NEW_TOKENS,
@@ -61,13 +60,7 @@ def main() -> None:
     if model_arguments.model is None:
         raise SystemExit("Pass --model PATH (a merged model directory, an adapter directory or a hub id).")
     questions = load_questions(arguments.question_file, limit=arguments.limit)
-    backend = make_backend(
-        model_arguments.model,
-        model_arguments.backend,
-        dtype=model_arguments.dtype,
-        trust_remote_code=model_arguments.trust_remote_code,
-        **model_arguments.backend_options(),
-    )
+    backend = backend_for(model_arguments)
     answers = generate_answers(
         questions,
         backend,

@@ -8,19 +8,13 @@ import sys
 
 import pytest
 from tlora.evaluation.code import (
-    HUMANEVAL_INSTRUCTION,
-    CodeTask,
-    build_prompt,
-    build_solution,
     evaluate_code,
     generate_code_predictions,
-    generation_settings,
-    load_code_tasks,
-    normalise_task_id,
-    postprocess_completion,
-    read_code_predictions,
     score_code_predictions,
 )
+from tlora.evaluation.code import code_generation_settings as generation_settings
+from tlora.evaluation.code_cleanup import HUMANEVAL_INSTRUCTION, build_prompt, build_solution, postprocess_completion
+from tlora.evaluation.code_data import CodeTask, load_code_tasks, normalise_task_id, read_code_predictions
 from tlora.evaluation.common import DataFormatError
 from tlora.evaluation.generation import CallableBackend
 from tlora.prompts import format_prompt

@@ -8,8 +8,10 @@ import gzip
 import json
 
 import pytest
-from tlora.evaluation import code
-from tlora.evaluation.code import load_code_tasks, paper_postprocess_completion, score_code_predictions
+from tlora.evaluation import code_data as code
+from tlora.evaluation.code import score_code_predictions
+from tlora.evaluation.code_cleanup import paper_postprocess_completion
+from tlora.evaluation.code_data import load_code_tasks
 
 pytest.importorskip("evalplus")
 

@@ -85,6 +85,7 @@ class RunOptions:
     predictions_output: Optional[str] = None  # where generations go (default: beside the result)
     limit: Optional[int] = None
     extra: dict = field(default_factory=dict)  # added to the result before the records
+    rows: Optional[list] = None  # prediction rows given in memory (the reference solutions), instead of either
 
 
 def result_schema(
@@ -138,7 +139,9 @@ def evaluate_task(
     """Run a task end to end (read or generate predictions, score, write the result) and return the result."""
     data = task.load_data()
     settings, used_backend = None, None
-    if options.predictions is not None:
+    if options.rows is not None:
+        rows = options.rows
+    elif options.predictions is not None:
         rows = task.read_predictions(options.predictions, data)
     else:
         if backend is None:
