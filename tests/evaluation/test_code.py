@@ -280,3 +280,20 @@ def test_gen_vllm_writes_generations_for_both_tasks_with_the_hf_backend(
         assert len(rows) == 2 and rows[0]["task_id"] == first_id
         assert set(rows[0]) == {"task_id", "prompt", "raw_completion", "completion"}
         assert rows[0]["prompt"].endswith("### Response:") and len(rows[0]["raw_completion"]) > 0
+
+
+def test_code_results_carry_the_common_result_keys_of_every_task():
+    result = score_code_predictions(
+        "humaneval",
+        [{"task_id": "HumanEval/900", "completion": "    return a + b\n"}],
+        [ADD_TASK],
+        allow_subset=True,
+        progress=False,
+    )
+    assert {"task", "protocol", "data", "num_items", "model", "backend", "records"} <= set(result)
+    assert (result["task"], result["protocol"], result["num_items"], result["data"]["num_items"]) == (
+        "humaneval",
+        "robust",
+        1,
+        1,
+    )
