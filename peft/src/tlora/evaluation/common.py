@@ -14,6 +14,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .generation import GenerationBackend, make_backend
 from .protocols import DEFAULT_PROTOCOL, PROTOCOLS
 
 from ..constants import RUN_RECORD_FILE as RUN_RECORD_NAME
@@ -204,10 +205,8 @@ class ModelArguments:
         return options
 
 
-def backend_for(model_arguments: ModelArguments):
+def backend_for(model_arguments: ModelArguments) -> GenerationBackend:
     """The generation backend for `--model` with the command line's backend, dtype and options."""
-    from .generation import make_backend
-
     if model_arguments.model is None:
         raise ValueError("Pass --model PATH (a merged model directory, an adapter directory or a hub id) to generate.")
     return make_backend(

@@ -42,9 +42,16 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..prompts import format_prompt
-from .common import DataFormatError, check_prediction_ids, read_jsonl, write_jsonl
-from .judge import DEFAULT_JUDGE_MODEL, JudgeClient, parse_rating
+from .common import (
+    RUN_RECORD_NAME,
+    DataFormatError,
+    check_prediction_ids,
+    default_output_path,
+    read_jsonl,
+    write_jsonl,
+)
 from .generation import GenerationSettings, generation_settings
+from .judge import DEFAULT_JUDGE_MODEL, JudgeClient, parse_rating
 from .protocols import PAPER
 from .task import RunOptions, Scores, TaskData, evaluate_task
 
@@ -525,8 +532,6 @@ JUDGMENTS_SUFFIX = "_judgments.jsonl"
 def default_files(model: Optional[str]) -> dict[str, str]:
     """Default paths: `<model dir>/eval/mt_bench{.json,_answers.jsonl,_judgments.jsonl}` for a local model, else the
     same names as `./eval_mt_bench*` in the current folder."""
-    from .common import default_output_path
-
     output = default_output_path("mt_bench", model)
     stem = output[: -len(".json")]
     return {"output": output, "answers": stem + ANSWERS_SUFFIX, "judgments": stem + JUDGMENTS_SUFFIX}
@@ -546,8 +551,6 @@ def files_beside_answers(answer_file: str) -> dict[str, str]:
 def default_model_id(model: str) -> str:
     """A model id for the answer file: the model folder's name, with its run folder's name when the folder is a
     copy inside a run (`RUN/merged` -> `RUN/merged`), or the hub id's last part."""
-    from .common import RUN_RECORD_NAME
-
     path = os.path.normpath(os.path.expanduser(model))
     name = os.path.basename(path) or "model"
     parent = os.path.dirname(path)

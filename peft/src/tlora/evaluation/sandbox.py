@@ -8,8 +8,8 @@ handle that is only truthy or falsy). Every assertion and comparison runs in the
 override (no `__eq__` of its own, no patched builtins, no `os._exit` of the judge), and builtins or trusted names
 are never replaced by the program's. The solver never sees a test, and the channel from the judge to the scorer is
 in a process the program cannot see. So the most a program controlling its whole process can do is claim return
-values, which the tests check. EvalPlus's checker (`evalplus.eval.untrusted_check`, in `code.py`) runs in the judge
-the same way, on a proxy of the entry point.
+values, which the tests check. EvalPlus's checker (`evalplus.eval.untrusted_check`, in `evalplus_judge.py`) runs in
+the judge the same way, on a proxy of the entry point.
 
 Isolation. Each job gets a fresh solver under bubblewrap (`bwrap`): new PID, network, IPC, UTS, mount (and, when
 not run by root, user) namespaces; a fresh /proc that shows only the sandbox's processes; no network; a private
