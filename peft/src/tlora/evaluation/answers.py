@@ -162,6 +162,7 @@ class TaskSpec:
     hub_config: Union[None, str, tuple[str, ...]]  # several configs are concatenated (MATH's seven subjects)
     field_names: tuple[tuple[str, ...], ...]  # accepted field sets; a row needs all fields of one of them
     max_new_tokens: int
+    full_set_size: Optional[int]  # the paper protocol scores exactly this many rows
     stop: tuple[str, ...]
     build_item: Callable[[int, dict], EvaluationItem]
     judge: Judge
@@ -204,12 +205,12 @@ class SingleFileEvaluation(AnswerEvaluation):
         rows = load_task_rows(self.spec, data_file)
         num_data_rows = len(rows)
         if self.protocol == PAPER:
-            check_full_set(self.name, num_data_rows, data_file, self.arguments.allow_subset)
+            check_full_set(self.name, self.spec.full_set_size, num_data_rows, data_file, self.arguments.allow_subset)
         if self.arguments.limit is not None:
             rows = rows[: self.arguments.limit]
         items = [self.spec.build_item(index, row) for index, row in enumerate(rows)]
         subset = self.arguments.allow_subset or self.arguments.limit is not None
-        return TaskData(items, data_file, num_data_rows, subset)
+        return TaskData(items, data_file, num_data_rows, subset, self.spec.full_set_size)
 
     def generation_settings(self) -> GenerationSettings:
         """Greedy, with the task's token limit (or --max_new_tokens) and the protocol's stop strings."""

@@ -23,6 +23,7 @@ from typing import Any, Optional
 from .code_cleanup import build_prompt, postprocess_for
 from .code_data import (
     DEFAULT_DATA_FILES,
+    FULL_SET_SIZES,
     CodeTask,
     check_dataset,
     evalplus_data_file,
@@ -103,7 +104,8 @@ class CodeEvaluation:
     def load_data(self) -> TaskData:
         """The test problems (the first `limit` when given)."""
         tasks = list(self.tasks) if self.tasks is not None else load_code_tasks(self.dataset, self.source, self.limit)
-        return TaskData(tasks, self.source, len(tasks), subset=self.allow_subset or self.limit is not None)
+        subset = self.allow_subset or self.limit is not None
+        return TaskData(tasks, self.source, len(tasks), subset, FULL_SET_SIZES[self.dataset])
 
     def generation_settings(self) -> GenerationSettings:
         """The given settings, else greedy with the protocol's stop strings and the paper's token limit."""

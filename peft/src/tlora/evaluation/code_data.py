@@ -29,6 +29,8 @@ MBPP_HUB_ID = "google-research-datasets/mbpp"
 MBPP_HUB_CONFIG = "sanitized"
 MBPP_HUB_SPLITS = "prompt+train+validation+test"  # all 427 sanitized tasks (the test split alone has 257)
 HUMANEVAL_TASK_COUNT = 164  # HumanEval+ keeps every HumanEval task
+# The task sets as the authors scored them: HumanEval+ and MBPP+ v0.2.0 as EvalPlus 0.3.1 loads them.
+FULL_SET_SIZES = {"humaneval": HUMANEVAL_TASK_COUNT, "mbpp": 378}
 DEFAULT_DATA_FILES = {"humaneval": HUMANEVAL_HUB_ID, "mbpp": MBPP_HUB_ID}
 
 # EvalPlus data (HumanEval+ / MBPP+ JSON lines), read from the same variables EvalPlus itself reads.
@@ -297,6 +299,7 @@ __all__ = [
     "DATASETS",
     "DEFAULT_DATA_FILES",
     "EVALPLUS_ENVIRONMENT",
+    "FULL_SET_SIZES",
     "CodeTask",
     "check_dataset",
     "evalplus_cache_file",

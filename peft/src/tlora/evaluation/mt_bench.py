@@ -79,6 +79,7 @@ CATEGORY_TEMPERATURES = {
 UNKNOWN_CATEGORY_TEMPERATURE = 0.7
 TEMPERATURE_MODES = ("fastchat", "greedy")
 MAX_NEW_TOKENS = 1024  # FastChat's --max-new-token default
+FULL_SET_SIZE = 80  # MT-Bench's questions
 
 # FastChat's single-answer judge prompts, by (reference needed, second turn).
 SINGLE_JUDGE_PROMPTS = {
@@ -446,7 +447,8 @@ class MTBenchEvaluation:
         all_questions = load_questions(self.question_file)
         questions = all_questions[: self.limit] if self.limit is not None else all_questions
         ids = [question["question_id"] for question in all_questions]
-        return TaskData(questions, self.question_file, len(all_questions), self.limit is not None, {"ids": ids})
+        subset = self.limit is not None
+        return TaskData(questions, self.question_file, len(all_questions), subset, FULL_SET_SIZE, {"ids": ids})
 
     def generation_settings(self) -> GenerationSettings:
         """The token limit, stop strings, batch size and seed (the temperature is set per question category)."""

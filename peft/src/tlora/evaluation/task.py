@@ -32,6 +32,7 @@ class TaskData:
     source: str  # the data file, folder or hub id (the result's `data.source`)
     num_data_rows: Any = None  # rows of the full data (a count, or counts by sub-task)
     subset: bool = False  # whether the items are only part of the full test set
+    full_set_size: Optional[int] = None  # items of the full test set as the authors scored it (None: no such set)
     extra: dict = field(default_factory=dict)  # anything else the task needs between the steps
 
 
@@ -101,7 +102,7 @@ def result_schema(
     result: dict[str, Any] = {"task": task.name, **scores.metrics}
     result.update(
         protocol=task.protocol,
-        data=data_record(data.source, scores.num_items, task.name, subset=data.subset),
+        data=data_record(data.source, scores.num_items, data.full_set_size, subset=data.subset),
         num_items=scores.num_items,
     )
     result.setdefault("model", options.model)
