@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .code_cleanup import build_prompt, postprocess_for
+from .code_cleanup import build_prompt, code_protocol, postprocess_for
 from .code_data import (
     DEFAULT_DATA_FILES,
     FULL_SET_SIZES,
@@ -36,7 +36,7 @@ from .code_data import (
 from .code_scoring import build_records, code_metrics, plan_scoring, run_tests, select_predictions
 from .common import write_jsonl
 from .generation import GenerationBackend, GenerationSettings, generation_settings
-from .protocols import PAPER, ROBUST, check_protocol
+from .protocols import ROBUST
 from .sandbox import SandboxLimits, default_workers, resolve_isolation
 from .task import RunOptions, Scores, TaskData, evaluate_task, result_schema
 
@@ -50,7 +50,7 @@ def code_generation_settings(
     max_new_tokens: Optional[int] = None, batch_size: int = 16, seed: int = 0, protocol: str = ROBUST
 ) -> GenerationSettings:
     """Greedy decoding with the paper's code limit; the Alpaca stop strings (robust) or none (the authors')."""
-    stop = [] if check_protocol(protocol) == PAPER else None
+    stop = code_protocol(protocol).stop
     return generation_settings(max_new_tokens or MAX_NEW_TOKENS, stop, batch_size=batch_size, seed=seed)
 
 
@@ -93,7 +93,7 @@ class CodeEvaluation:
 
     def __post_init__(self) -> None:
         check_dataset(self.dataset)
-        check_protocol(self.protocol)
+        code_protocol(self.protocol)  # an unknown protocol fails here
         self.source = self.data_file or DEFAULT_DATA_FILES[self.dataset]
 
     @property

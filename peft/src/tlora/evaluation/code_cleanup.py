@@ -24,6 +24,9 @@ The raw completion is kept beside the post-processed one in the predictions file
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
 
 from ..prompts import format_prompt
 from .code_data import CodeTask
@@ -105,20 +108,47 @@ def paper_postprocess_completion(text: str) -> str:
     return code
 
 
-def postprocess_for(protocol: str):
+@dataclass(frozen=True)
+class CodeProtocol:
+    """What a protocol means for code: stop strings, clean-up, the program run, and whether EvalPlus must score."""
+
+    stop: Optional[tuple[str, ...]]  # None: the robust stop strings (the generation default)
+    postprocess: Callable[[str], str]
+    prompt_in_solution: bool  # MBPP too runs `prompt + completion` (as `evalplus.evaluate` builds it)
+    needs_evalplus: bool  # scored with EvalPlus's base and plus tests only
+
+
+CODE_PROTOCOLS = {
+    # The authors' gen_vllm.py and code_process.py: no stop strings, their clean-up, EvalPlus's scoring.
+    PAPER: CodeProtocol(
+        stop=(), postprocess=paper_postprocess_completion, prompt_in_solution=True, needs_evalplus=True
+    ),
+    ROBUST: CodeProtocol(stop=None, postprocess=postprocess_completion, prompt_in_solution=False, needs_evalplus=False),
+}
+
+
+def code_protocol(protocol: str) -> CodeProtocol:
+    """The code meaning of a protocol name (checked)."""
+    return CODE_PROTOCOLS[check_protocol(protocol)]
+
+
+def postprocess_for(protocol: str) -> Callable[[str], str]:
     """The clean-up of a protocol: the authors' for `paper`, this project's for `robust`."""
-    return paper_postprocess_completion if check_protocol(protocol) == PAPER else postprocess_completion
+    return code_protocol(protocol).postprocess
 
 
 def build_solution(dataset: str, task_prompt: str, completion: str, protocol: str = ROBUST) -> str:
     """The program that is run: `prompt + completion` for HumanEval (and for MBPP+ under the paper protocol, as
     `evalplus.evaluate` builds it), the completion itself for MBPP."""
-    if dataset == "humaneval" or protocol == PAPER:
+    if dataset == "humaneval" or code_protocol(protocol).prompt_in_solution:
         return task_prompt + completion
     return completion
 
 
 __all__ = [
+    "CODE_PROTOCOLS",
+    "CodeProtocol",
+    "code_protocol",
     "HUMANEVAL_INSTRUCTION",
     "MBPP_INSTRUCTION",
     "build_instruction",

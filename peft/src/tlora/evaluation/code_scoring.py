@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .code_cleanup import build_prompt, build_solution, postprocess_for
+from .code_cleanup import build_prompt, build_solution, code_protocol, postprocess_for
 from .code_data import (
     EVALPLUS_ENVIRONMENT,
     CodeTask,
@@ -38,7 +38,6 @@ from .code_data import (
     select_tasks,
 )
 from .common import DataFormatError
-from .protocols import PAPER
 from .sandbox import (
     EVALPLUS_JUDGE_PATH,
     HelperPool,
@@ -131,7 +130,7 @@ def plan_scoring(
 ) -> ScoringPlan:
     """The task set to score and its EvalPlus data; the paper protocol needs EvalPlus's data file."""
     plus_path = evalplus_data_file(dataset, evalplus_file)
-    if protocol == PAPER and plus_path is None:
+    if code_protocol(protocol).needs_evalplus and plus_path is None:
         raise FileNotFoundError(
             f"--protocol paper scores {dataset} with EvalPlus (base and plus tests), as the authors did: point "
             f"{EVALPLUS_ENVIRONMENT[dataset]} (or --evalplus_file) at EvalPlus's data file, or let EvalPlus download "
