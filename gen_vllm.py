@@ -21,17 +21,12 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
-from tlora.evaluation import make_backend
-from tlora.evaluation.code import (
-    DATASETS,
-    MAX_NEW_TOKENS,
-    generate_code_file,
-    generation_settings,
-    tasks_to_generate,
-)
+from tlora.evaluation.code import MAX_NEW_TOKENS, code_generation_settings, generate_code_file
+from tlora.evaluation.code_data import DATASETS, tasks_to_generate
 from tlora.evaluation.common import (
     ModelArguments,
     ProtocolArguments,
+    backend_for,
     configure_logging,
     default_output_path,
     predictions_path,
@@ -98,14 +93,8 @@ def main() -> None:
         )
         for task in tasks
     }
-    backend = make_backend(
-        model_arguments.model,
-        model_arguments.backend,
-        dtype=model_arguments.dtype,
-        trust_remote_code=model_arguments.trust_remote_code,
-        **model_arguments.backend_options(),
-    )
-    settings = generation_settings(
+    backend = backend_for(model_arguments)
+    settings = code_generation_settings(
         arguments.max_new_tokens, arguments.batch_size, arguments.seed, protocol=protocol.protocol
     )
     for task in tasks:

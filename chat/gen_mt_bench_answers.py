@@ -14,18 +14,16 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
-from tlora.evaluation import make_backend
-from tlora.evaluation.common import ModelArguments, configure_logging
+from tlora.evaluation.common import ModelArguments, backend_for, configure_logging
 from tlora.evaluation.mt_bench import (
     DEFAULT_QUESTION_FILE,
     MAX_NEW_TOKENS,
     TEMPERATURE_MODES,
+    MTBenchEvaluation,
     default_files,
     default_model_id,
-    generate_answers,
-    load_questions,
-    write_answers,
 )
+from tlora.evaluation.task import generate_predictions
 
 
 @dataclass
@@ -60,24 +58,18 @@ def main() -> None:
     model_arguments, arguments = HfArgumentParser((ModelArguments, AnswerArguments)).parse_args_into_dataclasses()
     if model_arguments.model is None:
         raise SystemExit("Pass --model PATH (a merged model directory, an adapter directory or a hub id).")
-    questions = load_questions(arguments.question_file, limit=arguments.limit)
-    backend = make_backend(
-        model_arguments.model,
-        model_arguments.backend,
-        dtype=model_arguments.dtype,
-        trust_remote_code=model_arguments.trust_remote_code,
-        **model_arguments.backend_options(),
-    )
-    answers = generate_answers(
-        questions,
-        backend,
+    task = MTBenchEvaluation(
+        question_file=arguments.question_file,
+        limit=arguments.limit,
         model_id=arguments.model_id or default_model_id(model_arguments.model),
         temperature_mode=arguments.temperature_mode,
         max_new_tokens=arguments.max_new_tokens,
         batch_size=arguments.batch_size,
         seed=arguments.seed,
     )
-    write_answers(arguments.answer_file or default_files(model_arguments.model)["answers"], answers)
+    data = task.load_data()  # read and check the questions before loading the model
+    backend = backend_for(model_arguments)
+    generate_predictions(task, data, backend, arguments.answer_file or default_files(model_arguments.model)["answers"])
 
 
 if __name__ == "__main__":

@@ -24,9 +24,14 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
-from tlora.evaluation import make_backend
-from tlora.evaluation.code import MAX_NEW_TOKENS, evaluate_code, generation_settings
-from tlora.evaluation.common import ModelArguments, ProtocolArguments, configure_logging, default_output_path
+from tlora.evaluation.code import MAX_NEW_TOKENS, code_generation_settings, evaluate_code
+from tlora.evaluation.common import (
+    ModelArguments,
+    ProtocolArguments,
+    backend_for,
+    configure_logging,
+    default_output_path,
+)
 from tlora.evaluation.sandbox import SandboxLimits
 
 
@@ -96,13 +101,7 @@ def main() -> None:
     if arguments.predictions is None and not arguments.score_references:
         if model_arguments.model is None:
             sys.exit("Pass --predictions FILE to score existing generations, or --model PATH to generate them.")
-        backend = make_backend(
-            model_arguments.model,
-            model_arguments.backend,
-            dtype=model_arguments.dtype,
-            trust_remote_code=model_arguments.trust_remote_code,
-            **model_arguments.backend_options(),
-        )
+        backend = backend_for(model_arguments)
     output = arguments.output or default_output_path(arguments.dataset, model_arguments.model)
     result = evaluate_code(
         arguments.dataset,
@@ -111,7 +110,7 @@ def main() -> None:
         data_file=arguments.data_file,
         output=output,
         evalplus_file=arguments.evalplus_file,
-        settings=generation_settings(
+        settings=code_generation_settings(
             arguments.max_new_tokens, arguments.batch_size, arguments.seed, protocol=protocol.protocol
         ),
         protocol=protocol.protocol,

@@ -9,7 +9,7 @@ paper's table. Writes `<model dir>/eval/gsm8k.json` (or --output) and the genera
 every option.
 """
 
-from tlora.evaluation.common import main_for_task
+from tlora.evaluation.answers import main_for_task
 from tlora.evaluation.gsm8k import TASKS
 
 if __name__ == "__main__":

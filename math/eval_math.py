@@ -10,7 +10,7 @@
 Writes `<model dir>/eval/math.json` (or --output) and the generations beside it. `--help` lists every option.
 """
 
-from tlora.evaluation.common import main_for_task
+from tlora.evaluation.answers import main_for_task
 from tlora.evaluation.math_answers import TASKS
 
 if __name__ == "__main__":

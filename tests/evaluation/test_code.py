@@ -8,19 +8,13 @@ import sys
 
 import pytest
 from tlora.evaluation.code import (
-    HUMANEVAL_INSTRUCTION,
-    CodeTask,
-    build_prompt,
-    build_solution,
     evaluate_code,
     generate_code_predictions,
-    generation_settings,
-    load_code_tasks,
-    normalise_task_id,
-    postprocess_completion,
-    read_code_predictions,
     score_code_predictions,
 )
+from tlora.evaluation.code import code_generation_settings as generation_settings
+from tlora.evaluation.code_cleanup import HUMANEVAL_INSTRUCTION, build_prompt, build_solution, postprocess_completion
+from tlora.evaluation.code_data import CodeTask, load_code_tasks, normalise_task_id, read_code_predictions
 from tlora.evaluation.common import DataFormatError
 from tlora.evaluation.generation import CallableBackend
 from tlora.data.prompts import format_prompt
@@ -286,3 +280,20 @@ def test_gen_vllm_writes_generations_for_both_tasks_with_the_hf_backend(
         assert len(rows) == 2 and rows[0]["task_id"] == first_id
         assert set(rows[0]) == {"task_id", "prompt", "raw_completion", "completion"}
         assert rows[0]["prompt"].endswith("### Response:") and len(rows[0]["raw_completion"]) > 0
+
+
+def test_code_results_carry_the_common_result_keys_of_every_task():
+    result = score_code_predictions(
+        "humaneval",
+        [{"task_id": "HumanEval/900", "completion": "    return a + b\n"}],
+        [ADD_TASK],
+        allow_subset=True,
+        progress=False,
+    )
+    assert {"task", "protocol", "data", "num_items", "model", "backend", "records"} <= set(result)
+    assert (result["task"], result["protocol"], result["num_items"], result["data"]["num_items"]) == (
+        "humaneval",
+        "robust",
+        1,
+        1,
+    )

@@ -8,8 +8,10 @@ import gzip
 import json
 
 import pytest
-from tlora.evaluation import code
-from tlora.evaluation.code import load_code_tasks, paper_postprocess_completion, score_code_predictions
+from tlora.evaluation import code_data as code
+from tlora.evaluation.code import score_code_predictions
+from tlora.evaluation.code_cleanup import paper_postprocess_completion
+from tlora.evaluation.code_data import load_code_tasks
 
 pytest.importorskip("evalplus")
 
@@ -252,3 +254,24 @@ def test_paper_protocol_needs_evalplus_data(shared_data, monkeypatch):
 def test_generation_covers_exactly_the_evalplus_task_set(shared_data, mbpp_plus):
     selected = code.tasks_to_generate("mbpp", str(shared_data / "mbpp" / "sanitized-mbpp.json"), evalplus_file=mbpp_plus)
     assert [task.task_id for task in selected] == ["Mbpp/2"]  # of the 427 sanitized tasks, only the EvalPlus set
+
+
+def test_the_evalplus_judge_is_a_module_that_checks_base_then_plus(humaneval_plus, tmp_path):
+    from tlora.evaluation import evalplus_judge
+    from tlora.evaluation.sandbox import SandboxLimits, helper_config, resolve_isolation
+
+    config = json.loads(helper_config(resolve_isolation(SandboxLimits()), str(tmp_path)))
+    limits = {"memory_mb": 4096, "max_file_mb": 16, "max_processes": 32}
+
+    def job(solution: str) -> dict:
+        return {
+            "dataset": "humaneval",
+            "path": humaneval_plus,
+            "task_id": "HumanEval/2",
+            "solution": solution,
+            "limits": limits,
+        }
+
+    prompt = evalplus_judge.problems("humaneval", humaneval_plus)["HumanEval/2"]["prompt"]
+    assert evalplus_judge.check(config, job(prompt + "    return number % 1.0\n")) == {"base": "pass", "plus": "pass"}
+    assert evalplus_judge.check(config, job(prompt + "    return 0.5\n")) == {"base": "fail", "plus": None}

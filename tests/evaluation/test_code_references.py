@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from tlora.evaluation.code import load_code_tasks, reference_predictions, score_code_predictions
+from tlora.evaluation.code import score_code_predictions
+from tlora.evaluation.code_data import load_code_tasks, reference_predictions
 
 
 @pytest.fixture(scope="module")

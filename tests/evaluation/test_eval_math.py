@@ -10,12 +10,12 @@ import sys
 
 import pytest
 from tlora.evaluation import gsm8k, math_answers
+from tlora.evaluation.answers import run_task
 from tlora.evaluation.common import (
     DataFormatError,
     EvaluationArguments,
     ModelArguments,
     read_jsonl,
-    run_task,
 )
 from tlora.evaluation.generation import CallableBackend
 from tlora.evaluation.protocols import PAPER_STOP_STRINGS

@@ -434,3 +434,24 @@ def test_an_answer_file_with_a_repeated_or_unknown_question_is_refused_before_ju
             with pytest.raises(ValueError, match=message):
                 run_judge_script(repo_root, monkeypatch, judge, mt_bench, answer_file, "--output", str(tmp_path / "o"))
         assert judge.requests == []
+
+
+def test_mt_bench_results_carry_the_common_result_keys_of_every_task(mt_bench, tmp_path):
+    from tlora.evaluation.mt_bench import run_judgment
+
+    questions = load_questions(mt_bench["questions"], limit=2)
+    answer_file = tmp_path / "answers.jsonl"
+    write_answers(str(answer_file), generate_answers(questions, CallableBackend(lambda p: "ok"), model_id="m"))
+    with StandInJudge() as judge:
+        result = run_judgment(
+            answer_file=str(answer_file),
+            question_file=mt_bench["questions"],
+            judge_prompts_file=mt_bench["judge_prompts"],
+            reference_answer_file="/nonexistent",
+            client=client_for(judge),
+            limit=2,
+            parallel=2,
+        )
+    assert {"task", "protocol", "data", "num_items", "model", "backend", "records"} <= set(result)
+    assert (result["task"], result["num_items"], result["data"]["num_items"]) == ("mt_bench", 2, 2)
+    assert result["predictions_file"] == result["answer_file"] == str(answer_file)

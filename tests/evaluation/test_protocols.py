@@ -7,7 +7,8 @@ import json
 
 import pytest
 from tlora.evaluation import gsm8k, math_answers, math_paper
-from tlora.evaluation.common import EvaluationArguments, ModelArguments, read_jsonl, run_task
+from tlora.evaluation.answers import run_task
+from tlora.evaluation.common import EvaluationArguments, ModelArguments, read_jsonl
 from tlora.evaluation.generation import CallableBackend
 from tlora.evaluation.protocols import PAPER_STOP_STRINGS
 

@@ -15,7 +15,8 @@ import time
 
 import pytest
 from tlora.evaluation import sandbox
-from tlora.evaluation.code import load_code_tasks, reference_predictions, score_code_predictions
+from tlora.evaluation.code import score_code_predictions
+from tlora.evaluation.code_data import load_code_tasks, reference_predictions
 from tlora.evaluation.sandbox import ProgramJob, Sandbox, SandboxLimits, SandboxUnavailableError
 
 FAST = SandboxLimits(timeout_per_test=2.0, memory_mb=512, wall_factor=2.0, slack_seconds=2.0)

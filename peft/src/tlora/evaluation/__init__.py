@@ -1,7 +1,12 @@
-"""Evaluation: model loading, generation backends, answer scorers (GSM8K, MATH, commonsense) and shared IO.
+"""Evaluation: one task interface, model loading, generation backends, sandboxed code scoring, the LLM judge, reports.
 
-Modules: `models` (resolve and load `--model PATH`), `generation` (vLLM / HF / callable backends), `common`
-(JSON lines, arguments, output files), `gsm8k`, `math_answers`, `commonsense` (prompts, answer extraction, scoring).
+Every task is an `EvaluationTask` (`task.py`: data -> prompts -> generation -> scoring -> one result schema, run by
+`evaluate_task`): GSM8K and MATH (`gsm8k`, `math_answers` on `answers.TaskSpec`), commonsense (`commonsense`), code
+(`code`, with `code_data`, `code_cleanup`, `code_scoring` and the sandbox: `sandbox`, `sandbox_judge`,
+`sandbox_solver`, `evalplus_judge`, `sandbox_probe`) and MT-Bench (`mt_bench`, `judge`). `common` holds the shared
+IO and command-line arguments (`ModelArguments`, `backend_for`), `models` resolves and loads `--model PATH`,
+`generation` the vLLM / HF / callable backends and the one `generation_settings` builder, `protocols` the paper and
+robust protocols, `report` the results table. Nothing here imports `tlora.training`.
 """
 
 from .generation import (

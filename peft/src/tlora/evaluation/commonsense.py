@@ -15,28 +15,24 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..data.prompts import format_prompt
+from .answers import AnswerEvaluation, EvaluationItem, accuracy, run_options
 from .common import (
     DataFormatError,
     EvaluationArguments,
-    EvaluationItem,
     ModelArguments,
-    accuracy,
-    build_result,
-    collect_completions,
-    default_output_path,
-    generation_settings,
+    backend_for,
     read_json_rows,
     read_jsonl,
     require_fields,
-    score_items,
-    write_result,
 )
-from .protocols import DEFAULT_PROTOCOL, data_record
+from .generation import GenerationBackend, GenerationSettings, generation_settings
+from .protocols import DEFAULT_PROTOCOL
+from .task import TaskData, evaluate_task
 
 logger = logging.getLogger(__name__)
 
@@ -169,84 +165,100 @@ def check_prediction_tasks(path: str) -> None:
         raise DataFormatError(f"{path}: unknown task name(s) {unknown}; the tasks are {', '.join(TASKS)}.")
 
 
+class CommonsenseEvaluation(AnswerEvaluation):
+    """The commonsense `EvaluationTask`: the requested tasks' files, one answer word per row, per-task accuracies."""
+
+    name = TASK_NAME
+    protocol = PROTOCOL
+    with_task = True
+
+    def __init__(self, arguments: EvaluationArguments, commonsense_arguments: CommonsenseArguments) -> None:
+        if arguments.protocol != DEFAULT_PROTOCOL:
+            raise ValueError(
+                f"Commonsense has one protocol ({PROTOCOL}: the first answer word of the task's vocabulary); the "
+                "authors published no commonsense evaluation to reproduce. Leave out --protocol."
+            )
+        self.arguments, self.commonsense_arguments = arguments, commonsense_arguments
+
+    def load_data(self) -> TaskData:
+        """The items of every requested task (the first `--limit` rows of each), with each file's row count."""
+        files = task_files(self.commonsense_arguments, self.arguments)
+        items: list[EvaluationItem] = []
+        num_rows, num_data_rows = {}, {}
+        for task, path in files.items():
+            rows = load_task_rows(path, task)
+            num_data_rows[task] = len(rows)
+            if self.arguments.limit is not None:
+                rows = rows[: self.arguments.limit]
+            num_rows[task] = len(rows)
+            items.extend(build_items(task, rows))
+        if self.arguments.predictions is not None:
+            check_prediction_tasks(self.arguments.predictions)
+        source = self.commonsense_arguments.data_dir or self.arguments.data_file
+        subset = self.arguments.limit is not None or len(files) < len(TASKS)
+        return TaskData(items, source, num_data_rows, subset, extra={"files": files, "num_rows": num_rows})
+
+    def generation_settings(self) -> GenerationSettings:
+        """Greedy, at most MAX_NEW_TOKENS (or --max_new_tokens) new tokens, the robust stop strings."""
+        arguments = self.arguments
+        return generation_settings(
+            arguments.max_new_tokens or MAX_NEW_TOKENS, batch_size=arguments.batch_size, seed=arguments.seed
+        )
+
+    def judge(self, completion: str, item: EvaluationItem) -> tuple[Optional[str], bool]:
+        """The item's task's answer word in the completion, and whether it is the gold one."""
+        return judge(item.task, completion, item.gold)
+
+    def check_coverage(self, data: TaskData, records: Sequence[Mapping]) -> None:
+        """Fail when a predictions file covers no evaluated row (per-task gaps are warned in `metrics`)."""
+        if not records:
+            raise DataFormatError(
+                f"{self.arguments.predictions} has no prediction for any row of the tasks evaluated "
+                f"({', '.join(data.extra['files'])}); check --tasks and --limit."
+            )
+
+    def metrics(self, data: TaskData, records: Sequence[Mapping]) -> dict:
+        """Per-task accuracies, their unweighted mean as the headline (as LLM-Adapters and the papers report it), the
+        micro accuracy and the files read."""
+        per_task = {}
+        for task in data.extra["files"]:
+            task_records = [record for record in records if record["task"] == task]
+            if task_records:
+                per_task[task] = {"accuracy": accuracy(task_records), "num_items": len(task_records)}
+            expected = data.extra["num_rows"][task]
+            if len(task_records) < expected:
+                logger.warning("%s: %d of %d rows have a prediction", task, len(task_records), expected)
+        data.subset = data.subset or len(per_task) < len(TASKS)
+        return {
+            "accuracy": sum(entry["accuracy"] for entry in per_task.values()) / len(per_task) if per_task else 0.0,
+            "micro_accuracy": accuracy(records),
+            "data_file": data.source,
+            "tasks": per_task,
+            "data_files": data.extra["files"],
+        }
+
+
 def run(
     model_arguments: ModelArguments,
     evaluation_arguments: EvaluationArguments,
     commonsense_arguments: CommonsenseArguments,
     *,
-    backend=None,
+    backend: Optional[GenerationBackend] = None,
     write: bool = True,
 ) -> dict:
     """Evaluate the commonsense tasks end to end and return the result (per-task and mean accuracy)."""
-    if evaluation_arguments.protocol != DEFAULT_PROTOCOL:
-        raise ValueError(
-            f"Commonsense has one protocol ({PROTOCOL}: the first answer word of the task's vocabulary); the authors "
-            "published no commonsense evaluation to reproduce. Leave out --protocol."
-        )
-    files = task_files(commonsense_arguments, evaluation_arguments)
-    items: list[EvaluationItem] = []
-    num_rows, num_data_rows = {}, {}
-    for task, path in files.items():
-        rows = load_task_rows(path, task)
-        num_data_rows[task] = len(rows)
-        if evaluation_arguments.limit is not None:
-            rows = rows[: evaluation_arguments.limit]
-        num_rows[task] = len(rows)
-        items.extend(build_items(task, rows))
-    if evaluation_arguments.predictions is not None:
-        check_prediction_tasks(evaluation_arguments.predictions)
-    settings = generation_settings(MAX_NEW_TOKENS, evaluation_arguments)
-    completions, used_backend = collect_completions(
-        items, model_arguments, evaluation_arguments, settings, backend=backend, with_task=True, num_rows=num_data_rows
+    return evaluate_task(
+        CommonsenseEvaluation(evaluation_arguments, commonsense_arguments),
+        run_options(TASK_NAME, model_arguments, evaluation_arguments, write),
+        backend=backend,
+        make_backend=lambda: backend_for(model_arguments),
     )
-    records = score_items(
-        items, completions, lambda completion, item: judge(item.task, completion, item.gold), with_task=True
-    )
-    if evaluation_arguments.predictions is not None and not records:
-        raise DataFormatError(
-            f"{evaluation_arguments.predictions} has no prediction for any row of the tasks evaluated "
-            f"({', '.join(files)}); check --tasks and --limit."
-        )
-    per_task = {}
-    for task in files:
-        task_records = [record for record in records if record["task"] == task]
-        if task_records:
-            per_task[task] = {"accuracy": accuracy(task_records), "num_items": len(task_records)}
-        if len(task_records) < num_rows[task]:
-            logger.warning("%s: %d of %d rows have a prediction", task, len(task_records), num_rows[task])
-    result = build_result(
-        TASK_NAME,
-        records,
-        model=model_arguments.model,
-        data_file=commonsense_arguments.data_dir or evaluation_arguments.data_file,
-        backend=used_backend,
-        settings=None if evaluation_arguments.predictions else settings,
-        limit=evaluation_arguments.limit,
-        extra={
-            "protocol": PROTOCOL,
-            "data": data_record(
-                commonsense_arguments.data_dir or evaluation_arguments.data_file,
-                len(records),
-                TASK_NAME,
-                subset=evaluation_arguments.limit is not None or len(per_task) < len(TASKS),
-            ),
-            "tasks": per_task,
-            "data_files": files,
-            **({"predictions_file": evaluation_arguments.predictions} if evaluation_arguments.predictions else {}),
-        },
-    )
-    # The headline is the unweighted mean over the evaluated tasks (as LLM-Adapters and the papers report it).
-    result["accuracy"] = sum(entry["accuracy"] for entry in per_task.values()) / len(per_task) if per_task else 0.0
-    result["micro_accuracy"] = accuracy(records)
-    if write:
-        output = evaluation_arguments.output or default_output_path(TASK_NAME, model_arguments.model)
-        write_result(result, output, with_task=True, source_predictions=evaluation_arguments.predictions)
-    return result
 
 
 __all__ = [
     "ANSWER_WORDS",
     "CommonsenseArguments",
+    "CommonsenseEvaluation",
     "MAX_NEW_TOKENS",
     "PROTOCOL",
     "TASKS",

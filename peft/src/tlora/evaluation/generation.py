@@ -45,6 +45,26 @@ class GenerationSettings:
         return self.temperature <= 0.0
 
 
+def generation_settings(
+    max_new_tokens: int,
+    stop: Optional[Sequence[str]] = None,
+    *,
+    temperature: float = 0.0,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> GenerationSettings:
+    """The settings every task decodes with: a token limit, stop strings (default: the robust protocol's) and a
+    temperature (greedy unless given), top_p 1."""
+    return GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=1.0,
+        stop=list(ROBUST_STOP_STRINGS if stop is None else stop),
+        batch_size=batch_size,
+        seed=seed,
+    )
+
+
 @runtime_checkable
 class GenerationBackend(Protocol):
     """Anything that turns prompts into completions (completions exclude the prompt and the stop string)."""
@@ -292,6 +312,7 @@ __all__ = [
     "HFBackend",
     "VLLMBackend",
     "backend_name",
+    "generation_settings",
     "make_backend",
     "truncate_at_stop",
     "vllm_available",

@@ -33,7 +33,8 @@ from fractions import Fraction
 from typing import Optional
 
 from ..data.prompts import format_prompt
-from .common import DataFormatError, EvaluationItem, protocol_tasks
+from .answers import EvaluationItem, protocol_tasks
+from .common import DataFormatError
 from .protocols import ROBUST
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 HUB_ID = "openai/gsm8k"
 HUB_CONFIG = "main"
 MAX_NEW_TOKENS = 512  # the authors' SamplingParams(max_tokens=512)
+FULL_SET_SIZE = 1319  # the GSM8K test split, all of which the authors scored
 # The row fields: the GSM8K release (`question`, `answer`) or MetaMath's GSM8K_test.jsonl the authors read.
 FIELD_NAMES = (("question", "answer"), ("query", "response"))
 ANSWER_MARKERS = re.compile(r"the answer is|####", re.IGNORECASE)
@@ -244,6 +246,7 @@ TASKS = protocol_tasks(
     hub_config=HUB_CONFIG,
     field_names=FIELD_NAMES,
     max_new_tokens=MAX_NEW_TOKENS,
+    full_set_size=FULL_SET_SIZE,
 )
 TASK = TASKS[ROBUST]
 

@@ -24,7 +24,8 @@ from typing import Optional
 
 from ..data.prompts import format_prompt
 from . import math_paper
-from .common import DataFormatError, EvaluationItem, protocol_tasks
+from .answers import EvaluationItem, protocol_tasks
+from .common import DataFormatError
 from .protocols import ROBUST
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ HUB_CONFIG = (
     "precalculus",
 )
 MAX_NEW_TOKENS = 1024  # the authors' SamplingParams(max_tokens=1024)
+FULL_SET_SIZE = 5000  # all of MATH's test problems, as the authors scored them
 # The row fields: Hendrycks' release (`problem`, `solution`) or MetaMath's MATH_test.jsonl the authors read.
 FIELD_NAMES = (("problem", "solution"), ("instruction", "output"))
 ANSWER_MARKER = re.compile(r"the answer is\s*:?", re.IGNORECASE)
@@ -190,6 +192,7 @@ TASKS = protocol_tasks(
     hub_config=HUB_CONFIG,
     field_names=FIELD_NAMES,
     max_new_tokens=MAX_NEW_TOKENS,
+    full_set_size=FULL_SET_SIZE,
 )
 TASK = TASKS[ROBUST]
 

@@ -42,9 +42,18 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..data.prompts import format_prompt
-from .common import DataFormatError, check_prediction_ids, read_jsonl, write_jsonl
+from .common import (
+    RUN_RECORD_NAME,
+    DataFormatError,
+    check_prediction_ids,
+    default_output_path,
+    read_jsonl,
+    write_jsonl,
+)
+from .generation import GenerationSettings, generation_settings
 from .judge import DEFAULT_JUDGE_MODEL, JudgeClient, parse_rating
-from .protocols import PAPER, data_record
+from .protocols import PAPER
+from .task import RunOptions, Scores, TaskData, evaluate_task
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +79,7 @@ CATEGORY_TEMPERATURES = {
 UNKNOWN_CATEGORY_TEMPERATURE = 0.7
 TEMPERATURE_MODES = ("fastchat", "greedy")
 MAX_NEW_TOKENS = 1024  # FastChat's --max-new-token default
+FULL_SET_SIZE = 80  # MT-Bench's questions
 
 # FastChat's single-answer judge prompts, by (reference needed, second turn).
 SINGLE_JUDGE_PROMPTS = {
@@ -197,8 +207,6 @@ def generate_answers(
     seed: int = 0,
 ) -> list[dict]:
     """FastChat answer rows for `questions`: all first turns, then all second turns, batched per temperature."""
-    from .generation import DEFAULT_STOP_STRINGS, GenerationSettings
-
     answers: list[list[str]] = [[] for _ in questions]
     num_turns = max(len(question["turns"]) for question in questions) if questions else 0
     started = time.monotonic()
@@ -208,14 +216,7 @@ def generate_answers(
             if turn < len(question["turns"]):
                 groups.setdefault(question_temperature(question["category"], temperature_mode), []).append(index)
         for temperature, indices in sorted(groups.items()):
-            settings = GenerationSettings(
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=1.0,
-                stop=list(DEFAULT_STOP_STRINGS),
-                batch_size=batch_size,
-                seed=seed,
-            )
+            settings = generation_settings(max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
             prompts = [conversation_prompt(questions[i]["turns"][: turn + 1], answers[i]) for i in indices]
             for index, text in zip(indices, backend.generate(prompts, settings), strict=True):
                 answers[index].append(text.strip())
@@ -416,6 +417,96 @@ def write_answers(path: str, answers: Sequence[Mapping]) -> None:
     logger.info("Wrote %d answers to %s", len(answers), path)
 
 
+@dataclass
+class MTBenchEvaluation:
+    """The MT-Bench `EvaluationTask`: two-turn answers generated per FastChat's temperatures, judged by an LLM judge
+    (FastChat's single-answer grading); the score is the mean rating over both turns."""
+
+    question_file: str = DEFAULT_QUESTION_FILE
+    judge_prompts_file: str = DEFAULT_JUDGE_PROMPTS_FILE
+    reference_answer_file: str = DEFAULT_REFERENCE_ANSWER_FILE
+    client: Optional[JudgeClient] = None  # needed to score
+    judgment_file: Optional[str] = None
+    parallel: int = 4
+    limit: Optional[int] = None
+    model_id: str = "model"  # recorded in generated answers
+    temperature_mode: str = "fastchat"
+    max_new_tokens: int = MAX_NEW_TOKENS
+    batch_size: int = 16
+    seed: int = 0
+    name: str = "mt_bench"
+
+    @property
+    def protocol(self) -> str:
+        """`paper` with the paper's judge (GPT-4), else `judge:<model>`: another judge gives a number of its own."""
+        judge_model = self.client.settings.model if self.client is not None else DEFAULT_JUDGE_MODEL
+        return PAPER if judge_model == DEFAULT_JUDGE_MODEL else f"judge:{judge_model}"
+
+    def load_data(self) -> TaskData:
+        """The questions (the first `limit`), with every question id of the file for checking answer files."""
+        all_questions = load_questions(self.question_file)
+        questions = all_questions[: self.limit] if self.limit is not None else all_questions
+        ids = [question["question_id"] for question in all_questions]
+        subset = self.limit is not None
+        return TaskData(questions, self.question_file, len(all_questions), subset, FULL_SET_SIZE, {"ids": ids})
+
+    def generation_settings(self) -> GenerationSettings:
+        """The token limit, stop strings, batch size and seed (the temperature is set per question category)."""
+        return generation_settings(self.max_new_tokens, batch_size=self.batch_size, seed=self.seed)
+
+    def generate(self, data: TaskData, backend, settings: GenerationSettings) -> list[dict]:
+        """FastChat answer rows for the questions, sorted by question id."""
+        answers = generate_answers(
+            data.items,
+            backend,
+            model_id=self.model_id,
+            temperature_mode=self.temperature_mode,
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+        )
+        return sorted(answers, key=lambda row: row["question_id"])
+
+    def read_predictions(self, path: str, data: TaskData) -> list[dict]:
+        """An answer file's rows, one per question of the question file."""
+        return list(load_answers(path, data.extra["ids"], self.question_file).values())
+
+    def score(self, data: TaskData, predictions: Sequence[Mapping]) -> Scores:
+        """Judge both turns of every answer (reusing stored judgments) and average the ratings."""
+        if self.client is None:
+            raise ValueError("Scoring MT-Bench needs a judge: pass client=JudgeClient(...).")
+        questions = data.items
+        answers = {row["question_id"]: row for row in predictions}
+        needs_references = any(question["category"] in NEED_REF_CATEGORIES for question in questions)
+        references = load_answers(self.reference_answer_file) if needs_references else {}
+        matches = make_single_matches(questions, answers, load_judge_prompts(self.judge_prompts_file), references)
+        judgments = judge_answers(matches, self.client, judgment_file=self.judgment_file, parallel=self.parallel)
+        categories = {question["question_id"]: question["category"] for question in questions}
+        records = [
+            {**row, "category": categories[row["question_id"]]}
+            for row in sorted(judgments, key=lambda row: (row["question_id"], row["turn"]))
+        ]
+        summary = summarize_judgments(records)
+        if summary["num_failed"]:
+            logger.warning(
+                "%d of %d judgments have no rating (-1) and are left out of the score",
+                summary["num_failed"],
+                len(records),
+            )
+        model_ids = sorted({str(row["model"]) for row in records})
+        summary.update(
+            judge_model=self.client.settings.model,
+            judge_base_url=self.client.settings.base_url,
+            model_id=model_ids[0] if len(model_ids) == 1 else model_ids,
+            num_questions=len(questions),
+            judgment_file=self.judgment_file,
+            question_file=self.question_file,
+            judge_prompts_file=self.judge_prompts_file,
+            reference_answer_file=self.reference_answer_file if needs_references else None,
+        )
+        return Scores(summary, records, len(questions))
+
+
 def run_judgment(
     *,
     answer_file: str,
@@ -429,52 +520,11 @@ def run_judgment(
     limit: Optional[int] = None,
 ) -> dict:
     """Judge an answer file and write the judgments (FastChat format) and the result JSON; returns the result."""
-    all_questions = load_questions(question_file)
-    questions = all_questions[:limit] if limit is not None else all_questions
-    answers = load_answers(answer_file, [question["question_id"] for question in all_questions], question_file)
-    judge_prompts = load_judge_prompts(judge_prompts_file)
-    needs_references = any(question["category"] in NEED_REF_CATEGORIES for question in questions)
-    references = load_answers(reference_answer_file) if needs_references else {}
-    matches = make_single_matches(questions, answers, judge_prompts, references)
-    judgments = judge_answers(matches, client, judgment_file=judgment_file, parallel=parallel)
-    categories = {question["question_id"]: question["category"] for question in questions}
-    records = [
-        {**row, "category": categories[row["question_id"]]}
-        for row in sorted(judgments, key=lambda row: (row["question_id"], row["turn"]))
-    ]
-    summary = summarize_judgments(records)
-    if summary["num_failed"]:
-        logger.warning(
-            "%d of %d judgments have no rating (-1) and are left out of the score", summary["num_failed"], len(records)
-        )
-    model_ids = sorted({str(row["model"]) for row in records})
-    result: dict[str, Any] = {"task": "mt_bench", **summary}
-    # The paper's protocol is FastChat's single grading with the paper's judge, GPT-4; any other judge gives a number
-    # of its own, named by the judge model.
-    judge_model = client.settings.model
-    result["protocol"] = PAPER if judge_model == DEFAULT_JUDGE_MODEL else f"judge:{judge_model}"
-    result["data"] = data_record(question_file, len(questions), "mt_bench", subset=limit is not None)
-    result.update(
-        judge_model=client.settings.model,
-        judge_base_url=client.settings.base_url,
-        model_id=model_ids[0] if len(model_ids) == 1 else model_ids,
-        num_questions=len(questions),
-        answer_file=answer_file,
-        judgment_file=judgment_file,
-        question_file=question_file,
-        judge_prompts_file=judge_prompts_file,
-        reference_answer_file=reference_answer_file if needs_references else None,
-        records=records,
+    task = MTBenchEvaluation(
+        question_file, judge_prompts_file, reference_answer_file, client, judgment_file, parallel, limit
     )
-    if limit is not None:
-        result["limit"] = limit
-    if output is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-        logger.info("Wrote %s (score %s over %d judgments)", output, result["score"], result["num_judgments"])
-    return result
+    options = RunOptions(predictions=answer_file, output=output, limit=limit, extra={"answer_file": answer_file})
+    return evaluate_task(task, options)
 
 
 ANSWERS_SUFFIX = "_answers.jsonl"
@@ -484,8 +534,6 @@ JUDGMENTS_SUFFIX = "_judgments.jsonl"
 def default_files(model: Optional[str]) -> dict[str, str]:
     """Default paths: `<model dir>/eval/mt_bench{.json,_answers.jsonl,_judgments.jsonl}` for a local model, else the
     same names as `./eval_mt_bench*` in the current folder."""
-    from .common import default_output_path
-
     output = default_output_path("mt_bench", model)
     stem = output[: -len(".json")]
     return {"output": output, "answers": stem + ANSWERS_SUFFIX, "judgments": stem + JUDGMENTS_SUFFIX}
@@ -505,8 +553,6 @@ def files_beside_answers(answer_file: str) -> dict[str, str]:
 def default_model_id(model: str) -> str:
     """A model id for the answer file: the model folder's name, with its run folder's name when the folder is a
     copy inside a run (`RUN/merged` -> `RUN/merged`), or the hub id's last part."""
-    from .common import RUN_RECORD_NAME
-
     path = os.path.normpath(os.path.expanduser(model))
     name = os.path.basename(path) or "model"
     parent = os.path.dirname(path)
@@ -517,6 +563,7 @@ def default_model_id(model: str) -> str:
 
 __all__ = [
     "CATEGORY_TEMPERATURES",
+    "MTBenchEvaluation",
     "DEFAULT_JUDGE_PROMPTS_FILE",
     "DEFAULT_QUESTION_FILE",
     "DEFAULT_REFERENCE_ANSWER_FILE",

@@ -43,9 +43,6 @@ PAPER_STOP_STRINGS = (
 # This project's stop strings: the next Alpaca example starting means the answer is over (EOS also ends it).
 ROBUST_STOP_STRINGS = ("### Instruction", "Below is an instruction")
 
-# The size of each full test set as the authors scored it (GSM8K test, all of MATH's test problems, HumanEval+ and
-# MBPP+ v0.2.0 as EvalPlus 0.3.1 loads them).
-FULL_SET_SIZES = {"gsm8k": 1319, "math": 5000, "humaneval": 164, "mbpp": 378, "mt_bench": 80}
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -66,9 +63,9 @@ def check_protocol(protocol: str) -> str:
     return protocol
 
 
-def data_record(source: str, num_items: int, task: str, *, subset: bool = False) -> dict[str, Any]:
-    """The `data` entry of a result: where the items came from, how many were scored, the full set's size."""
-    expected: Optional[int] = FULL_SET_SIZES.get(task)
+def data_record(source: str, num_items: int, expected: Optional[int], *, subset: bool = False) -> dict[str, Any]:
+    """The `data` entry of a result: where the items came from, how many were scored, the full set's size (as the
+    authors scored it; None for a task without one)."""
     return {
         "source": source,
         "num_items": num_items,
@@ -77,9 +74,9 @@ def data_record(source: str, num_items: int, task: str, *, subset: bool = False)
     }
 
 
-def check_full_set(task: str, num_items: int, source: str, allow_subset: bool) -> None:
-    """Under the paper protocol, raise unless `source` holds the full test set (or a subset was asked for)."""
-    expected = FULL_SET_SIZES.get(task)
+def check_full_set(task: str, expected: Optional[int], num_items: int, source: str, allow_subset: bool) -> None:
+    """Under the paper protocol, raise unless `source` holds the full test set of `expected` items (or a subset was
+    asked for)."""
     if allow_subset or expected is None or num_items == expected:
         return
     raise ValueError(
@@ -91,7 +88,6 @@ def check_full_set(task: str, num_items: int, source: str, allow_subset: bool) -
 
 __all__ = [
     "DEFAULT_PROTOCOL",
-    "FULL_SET_SIZES",
     "PAPER",
     "PAPER_STOP_STRINGS",
     "PROTOCOLS",

@@ -8,8 +8,8 @@ handle that is only truthy or falsy). Every assertion and comparison runs in the
 override (no `__eq__` of its own, no patched builtins, no `os._exit` of the judge), and builtins or trusted names
 are never replaced by the program's. The solver never sees a test, and the channel from the judge to the scorer is
 in a process the program cannot see. So the most a program controlling its whole process can do is claim return
-values, which the tests check. EvalPlus's checker (`evalplus.eval.untrusted_check`, in `code.py`) runs in the judge
-the same way, on a proxy of the entry point.
+values, which the tests check. EvalPlus's checker (`evalplus.eval.untrusted_check`, in `evalplus_judge.py`) runs in
+the judge the same way, on a proxy of the entry point.
 
 Isolation. Each job gets a fresh solver under bubblewrap (`bwrap`): new PID, network, IPC, UTS, mount (and, when
 not run by root, user) namespaces; a fresh /proc that shows only the sandbox's processes; no network; a private
@@ -56,6 +56,7 @@ ERROR = "error"  # the sandbox itself failed (helper died); says nothing about t
 KEPT_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "TZ", "SYSTEMROOT")
 
 JUDGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_judge.py")
+EVALPLUS_JUDGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evalplus_judge.py")
 NOBODY = 65534  # the uid and gid programs run as
 SYSTEM_DIRECTORIES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime")
@@ -222,11 +223,13 @@ def bubblewrap_prefix(bwrap: str, limits: SandboxLimits) -> tuple[list[str], Opt
     return command, drop_to
 
 
-PROBE_SOURCE = """import os, sys
-if len(sys.argv) > 2:
-    os.setgroups([]); os.setgid(int(sys.argv[2])); os.setuid(int(sys.argv[2]))
-print(os.getuid(), os.getpid(), len(os.listdir("/proc/self/fd")))
-"""
+PROBE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_probe.py")
+
+
+def probe_source() -> str:
+    """The probe's source text (`sandbox_probe.py`), passed with `-c`: the project is not mounted in the sandbox."""
+    with open(PROBE_PATH, encoding="utf-8") as handle:
+        return handle.read()
 
 
 @lru_cache(maxsize=None)
@@ -235,7 +238,7 @@ def isolation_problem(prefix: tuple[str, ...], drop_to: Optional[int]) -> Option
     drop = ["--drop-to", str(drop_to)] if drop_to is not None else []
     try:
         probe = subprocess.run(
-            [*prefix, sys.executable, "-I", "-c", PROBE_SOURCE, *drop],
+            [*prefix, sys.executable, "-I", "-c", probe_source(), *drop],
             capture_output=True,
             text=True,
             timeout=60,
@@ -339,7 +342,7 @@ class _Helper:
 
 
 class HelperPool:
-    """Up to `workers` helper interpreters running `program` (`["-c", source, ...]` or `[script, ...]`); `map` sends
+    """Up to `workers` helper interpreters running `program` (`[script, argument, ...]`); `map` sends
     each request to a free one.
 
     A helper reads one JSON request a line from stdin and answers one JSON line on stdout. Helpers run with

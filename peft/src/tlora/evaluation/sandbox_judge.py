@@ -10,7 +10,7 @@ an opaque handle that is only truthy or falsy). Every comparison happens here, o
 override, so a program that controls its whole process can claim return values and nothing more. Builtins and the
 trusted code's own names are never replaced by the program's definitions.
 
-The EvalPlus helper (`code.py`) loads this file by path and uses `open_program` and `Calls` the same way.
+The EvalPlus judge (`evalplus_judge.py`) loads this file by path and uses `open_program` and `Calls` the same way.
 """
 
 from __future__ import annotations

@@ -167,6 +167,53 @@ def set_limits(request: dict) -> None:
     resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
 
 
+# os functions the solver disables before it defines a program (see `guard`).
+DISABLED_OS_FUNCTIONS = (
+    "kill",
+    "killpg",
+    "system",
+    "remove",
+    "removedirs",
+    "rmdir",
+    "unlink",
+    "rename",
+    "renames",
+    "replace",
+    "truncate",
+    "fork",
+    "forkpty",
+    "setuid",
+    "setgid",
+    "chmod",
+    "fchmod",
+    "lchmod",
+    "chown",
+    "fchown",
+    "lchown",
+    "chroot",
+    "fchdir",
+    "chdir",
+    "execv",
+    "execve",
+    "execvp",
+    "execvpe",
+    "execl",
+    "execle",
+    "execlp",
+    "execlpe",
+    "spawnv",
+    "spawnve",
+    "spawnl",
+    "spawnle",
+    "posix_spawn",
+    "posix_spawnp",
+    "popen",
+    "plock",
+    "nice",
+    "setsid",
+)
+
+
 def guard() -> None:
     """Disable what destroys files or spawns or signals processes, as human-eval does (defence in depth only: the
     isolation, not this, keeps the host safe)."""
@@ -182,50 +229,7 @@ def guard() -> None:
 
     builtins.open = io.open = read_only_open
     builtins.exit = builtins.quit = None
-    for name in (
-        "kill",
-        "killpg",
-        "system",
-        "remove",
-        "removedirs",
-        "rmdir",
-        "unlink",
-        "rename",
-        "renames",
-        "replace",
-        "truncate",
-        "fork",
-        "forkpty",
-        "setuid",
-        "setgid",
-        "chmod",
-        "fchmod",
-        "lchmod",
-        "chown",
-        "fchown",
-        "lchown",
-        "chroot",
-        "fchdir",
-        "chdir",
-        "execv",
-        "execve",
-        "execvp",
-        "execvpe",
-        "execl",
-        "execle",
-        "execlp",
-        "execlpe",
-        "spawnv",
-        "spawnve",
-        "spawnl",
-        "spawnle",
-        "posix_spawn",
-        "posix_spawnp",
-        "popen",
-        "plock",
-        "nice",
-        "setsid",
-    ):
+    for name in DISABLED_OS_FUNCTIONS:
         if hasattr(os, name):
             setattr(os, name, None)
     shutil.rmtree = shutil.move = shutil.chown = None
