@@ -6,13 +6,17 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 from peft import LoraConfig
 
 from .allocation import BudgetError, check_max_rank
-from .calibration.sensitivity import PER_SAMPLE, SensitivityMode, check_sensitivity_mode
 
+# The sensitivity modes (their formulas: tlora.calibration.sensitivity): "per_sample" is the method's definition
+# at any batch size, "batch" the cheaper approximation |W * grad| of each micro-batch.
+SensitivityMode = Literal["per_sample", "batch"]
+SENSITIVITY_MODES: tuple[str, ...] = get_args(SensitivityMode)
+PER_SAMPLE, BATCH = SENSITIVITY_MODES
 SVD_METHODS = ("gram", "exact", "randomized")
 STATISTICS_DTYPES = ("float32", "float64")
 
@@ -130,7 +134,8 @@ class TLoRAConfig(LoraConfig):
                 "(/ sqrt(r) with use_rslora), so 0 switches the adapters off and a negative value flips their sign; "
                 "use e.g. lora_alpha = r or 2 r."
             )
-        check_sensitivity_mode(self.sensitivity)
+        if self.sensitivity not in SENSITIVITY_MODES:
+            raise ValueError(f"sensitivity must be one of {SENSITIVITY_MODES}, got {self.sensitivity!r}.")
         if self.svd_method not in SVD_METHODS:
             raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}.")
         if self.statistics_dtype not in STATISTICS_DTYPES:

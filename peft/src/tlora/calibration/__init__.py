@@ -11,7 +11,7 @@
 
 from .cache import cached_statistics
 from .run import check_same_base_weights, compute_statistics, resolve_statistics_device
-from .sensitivity import SENSITIVITY_MODES, SensitivityMode
+from ..config import SENSITIVITY_MODES, SensitivityMode
 from .statistics import ModuleStatistics, TLoRAStatistics, place_statistics
 
 __all__ = [

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..config import TLoRAConfig
+from ..config import PER_SAMPLE, TLoRAConfig
 from ..errors import CalibrationError, NonFiniteCalibrationError
 from ..targets import TargetModule, check_readable_weights, find_target_modules
 from ..weights import differentiable_quantized_layers
@@ -36,7 +36,7 @@ from .batch_checks import BatchRules, validate_batch
 from .batch_state import BatchState
 from .hooks import CalibrationHooks, StatisticSums
 from .layout import Layout, probe_layout
-from .sensitivity import PER_SAMPLE, initial_loss_scale, losses_to_differentiate, unscale
+from .sensitivity import initial_loss_scale, losses_to_differentiate, unscale
 from .statistics import ModuleStatistics, TLoRAStatistics
 
 logger = logging.getLogger(__name__)

@@ -5,9 +5,9 @@ split it differentiates, the float16 loss scale and the normalisation.
 
 with loss_s the mean token loss of calibration sample s and N the number of samples with a label.
 
-* Modes (`SENSITIVITY_MODES`): "per_sample" is the definition above at any batch size; "batch" takes one g from the
-  weight gradient of each micro-batch's loss and gives it to every sample of the batch (an approximation, cheaper at
-  large batches).
+* Modes (the option's values are declared with the option, `tlora.config.SENSITIVITY_MODES`): "per_sample" is the
+  definition above at any batch size; "batch" takes one g from the weight gradient of each micro-batch's loss and
+  gives it to every sample of the batch (an approximation, cheaper at large batches).
 * The formula: `sample_sensitivities` turns a target's output gradient and saved input into g_{l,s}, called from the
   target's gradient hook (hooks.py).
 * The loss split: summing the per-sample mean losses of a batch and backpropagating that sum gives every sample's
@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, Callable, Literal, NamedTuple, Optional, Protocol, get_args
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import torch
 from torch import nn
 
+from ..config import BATCH, PER_SAMPLE
 from ..errors import CalibrationError
 from .batch_state import BatchState
 
 logger = logging.getLogger(__name__)
 
-SensitivityMode = Literal["per_sample", "batch"]  # TLoRAConfig.sensitivity
-SENSITIVITY_MODES: tuple[str, ...] = get_args(SensitivityMode)
-PER_SAMPLE, BATCH = SENSITIVITY_MODES
 
 
 class WeightedModule(Protocol):
@@ -44,12 +42,6 @@ class WeightedModule(Protocol):
 
     def weight_matrix(self, dtype: torch.dtype, copy: bool = True) -> torch.Tensor:
         """W (out x in) in `dtype`."""
-
-
-def check_sensitivity_mode(mode: str) -> None:
-    """Raise `ValueError` unless `mode` is one of `SENSITIVITY_MODES`."""
-    if mode not in SENSITIVITY_MODES:
-        raise ValueError(f"sensitivity must be one of {SENSITIVITY_MODES}, got {mode!r}.")
 
 
 def normalised_sensitivity(sensitivity_sum: float, num_samples: int) -> float:

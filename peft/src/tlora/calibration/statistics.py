@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from ..errors import StatisticsMismatchError
 from ..targets import TargetModule
-from .sensitivity import PER_SAMPLE, normalised_sensitivity
+from ..config import PER_SAMPLE
+from .sensitivity import normalised_sensitivity
 
 logger = logging.getLogger(__name__)
 
