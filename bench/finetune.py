@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from common import METHODS, REPO_ROOT
 
@@ -157,9 +157,10 @@ def _run_logged(command: list[str], log_path: Path, timeout_s: float, in_process
 
 def run_one(task: str, method: str, seed: int, config: dict, data: dict, base_model: str, work: Path,
             device: str, timeout_s: float, in_process: bool = False, score: bool = True,
-            name: str | None = None) -> dict:
+            name: str | None = None, probe: Callable[[Path], dict] | None = None) -> dict:
     """Train one (task, method, seed) with `config`'s sizes and learning rate, then (with `score`) score it; the
-    numbers from the run record (held-out losses included) and the scorer's result. `name` labels its logs."""
+    numbers from the run record (held-out losses included), the scorer's result and `probe(run folder)`, called
+    before the folder is removed. `name` labels its logs."""
     name = name or f"{task}-{method}-{seed}"
     run_dir = work / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -188,6 +189,8 @@ def run_one(task: str, method: str, seed: int, config: dict, data: dict, base_mo
         out.update(evaluation_process_s=round(eval_s, 2), accuracy=scored["accuracy"], num_items=scored["num_items"])
         if task == "commonsense":
             out["per_task"] = {task_name: entry["accuracy"] for task_name, entry in scored["tasks"].items()}
+    if probe is not None:
+        out.update(probe(run_dir))
     shutil.rmtree(run_dir, ignore_errors=True)  # the adapter is not kept: only the numbers matter here
     return out
 
@@ -206,3 +209,43 @@ def base_model_path(scale: str, work: Path) -> str:
     from tlora.demo.pretrained import smollm2_path
 
     return str(smollm2_path())
+
+
+def chat_answer_loss(adapter_dir: Path, pairs: list[tuple[str, str]], cutoff_len: int, device: str) -> float:
+    """The mean token loss of the answers of `pairs` (question, answer) written in the base model's own chat template
+    (plain `question\n\nanswer` for a tokenizer without one), under the adapter in `adapter_dir` on its base model:
+    general text in the format the model was instruction-tuned on, which the task runs never train on."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_path = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).to(device)
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    total, count = 0.0, 0
+    for question, answer in pairs:
+        prompt_ids, full_ids = _chat_token_ids(tokenizer, question, answer)
+        full_ids = full_ids[:cutoff_len]
+        labels = [-100] * min(len(prompt_ids), len(full_ids)) + full_ids[len(prompt_ids):]
+        if all(label == -100 for label in labels[1:]):
+            continue
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([full_ids], device=device)).logits[0, :-1].float()
+        targets = torch.tensor(labels[1:], device=device)
+        losses = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        total += float(losses)
+        count += int((targets != -100).sum())
+    return total / max(count, 1)
+
+
+def _chat_token_ids(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt alone and of prompt + answer, in the tokenizer's chat template when it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": question}]
+        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
+    else:
+        prompt, full = f"{question}\n\n", f"{question}\n\n{answer}"
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return encode(prompt), encode(full)

@@ -9,8 +9,8 @@ The rule (the same for every method):
   times), so no reported rate is a grid edge unless the JSON says so (`at_edge`);
 * at the chosen rate, seeds 1 .. `seeds`-1 are added, and every number reported comes from a separate *test*
   split: held-out loss (both tasks), MATH accuracy (greedy, the project's scorer), and forgetting — the change of
-  loss on general chat text none of the tasks trains on (MT-Bench questions with their GPT-4 reference answers, in
-  the task's prompt format) against the untuned base model, as PEFT's method comparison reports it.
+  loss on general chat text none of the tasks trains on (MT-Bench first-turn questions with GPT-4's reference
+  answers, written in the base model's own chat template, answer tokens scored) against the untuned base model.
 
 Tasks: math — MATH problems (../shared/data/math), solutions in MetaMathQA's format ("... The answer is: X");
 commonsense — the seven commonsense sets mixed (../shared/data/commonsense), scored by the held-out loss of the
@@ -34,8 +34,8 @@ from typing import Any, Callable, Optional
 
 from common import (LABELS, METHODS, Settings, comma_selection, fmt, machine_info, markdown_table, mean,
                     parse_overrides, part_header, shared_data_dir, std, target_check, targets_markdown, write_json)
-from finetune import (COMMONSENSE_TASKS, base_model_path, math_training_row, run_one, shuffled_rows,
-                      write_jsonl)
+from finetune import (COMMONSENSE_TASKS, base_model_path, chat_answer_loss, math_training_row, run_one,
+                      shuffled_rows, write_jsonl)
 
 PART = "tuned"
 TASKS = ("math", "commonsense")
@@ -50,13 +50,14 @@ def sizes(scale: str) -> dict[str, Any]:
         return {**common, "r": 4, "lora_alpha": 4, "max_steps": 2, "batch_size": 2, "cutoff_len": 768,
                 "learning_rates": [1e-3, 3.162278e-3], "seeds": 2, "calibration_samples": 4,
                 "calibration_batch_size": 2, "train_per_task": 2, "validation_per_task": 1, "test_per_task": 1,
-                "math_train": 8, "math_validation": 2, "math_test": 2, "general_rows": 3, "math_max_new_tokens": 8,
+                "math_train": 8, "math_validation": 2, "math_test": 2, "general_rows": 3, "general_cutoff_len": 256,
+                "math_max_new_tokens": 8,
                 "eva_max_passes": 1, "max_widen": 1}
     if scale == "quick":
         return {**common, "r": 8, "lora_alpha": 8, "max_steps": 4, "batch_size": 4, "cutoff_len": 128,
                 "learning_rates": [3.162278e-4, 1e-3], "seeds": 2, "calibration_samples": 8,
                 "calibration_batch_size": 4, "train_per_task": 8, "validation_per_task": 2, "test_per_task": 2,
-                "math_train": 32, "math_validation": 5, "math_test": 5, "general_rows": 10,
+                "math_train": 32, "math_validation": 5, "math_test": 5, "general_rows": 10, "general_cutoff_len": 256,
                 "math_max_new_tokens": 16, "eva_max_passes": 2, "max_widen": 1}
     # Sized for a quiet 2-core CPU machine: one run (training with three held-out losses, plus MATH scoring) takes
     # about 2-3 minutes there; 8 methods x 2 tasks x 4 rates + the seeds is about 80 runs, so the part is meant to
@@ -64,7 +65,7 @@ def sizes(scale: str) -> dict[str, Any]:
     return {**common, "r": 32, "lora_alpha": 32, "max_steps": 24, "batch_size": 8, "cutoff_len": 128,
             "learning_rates": [1e-4, 3.162278e-4, 1e-3, 3.162278e-3], "seeds": 2, "calibration_samples": 32,
             "calibration_batch_size": 16, "train_per_task": 40, "validation_per_task": 10, "test_per_task": 20,
-            "math_train": 200, "math_validation": 40, "math_test": 40, "general_rows": 30,
+            "math_train": 200, "math_validation": 40, "math_test": 40, "general_rows": 30, "general_cutoff_len": 512,
             "math_max_new_tokens": 32, "eva_max_passes": 2}
 
 
@@ -89,8 +90,8 @@ def general_rows(data_dir: Path, count: int) -> list[tuple[str, str]]:
     return pairs[:count]
 
 
-def prepare_math_splits(data_dir: Path, work: Path, config: dict, general: list[tuple[str, str]]) -> dict:
-    """MATH rows: test (scored and held-out loss), validation (held-out loss), train; general text as query/response."""
+def prepare_math_splits(data_dir: Path, work: Path, config: dict) -> dict:
+    """MATH rows: test (scored and held-out loss), validation (held-out loss), train."""
     rows = [json.loads(line) for line in (data_dir / "math" / "test.jsonl").read_text().splitlines() if line.strip()]
     rows = shuffled_rows(rows, config["data_seed"])
     test = rows[: config["math_test"]]
@@ -99,16 +100,15 @@ def prepare_math_splits(data_dir: Path, work: Path, config: dict, general: list[
     train = rows[start: start + config["math_train"]]
     write_jsonl(work / "math" / "test_problems.jsonl", test)
     files = {"validation": [math_training_row(r) for r in validation], "test": [math_training_row(r) for r in test],
-             "general": [{"query": q, "response": a} for q, a in general], "train": [math_training_row(r) for r in train]}
+             "train": [math_training_row(r) for r in train]}
     for name, split in files.items():
         write_jsonl(work / "math" / f"{name}.jsonl", split)
     return {"train_file": str(work / "math" / "train.jsonl"), "test_file": str(work / "math" / "test_problems.jsonl"),
-            "loss_files": {name: str(work / "math" / f"{name}.jsonl") for name in ("validation", "test", "general")},
-            "num_train": len(train), "num_validation": len(validation), "num_test": len(test),
-            "num_general": len(general)}
+            "loss_files": {name: str(work / "math" / f"{name}.jsonl") for name in ("validation", "test")},
+            "num_train": len(train), "num_validation": len(validation), "num_test": len(test)}
 
 
-def prepare_commonsense_splits(data_dir: Path, work: Path, config: dict, general: list[tuple[str, str]]) -> dict:
+def prepare_commonsense_splits(data_dir: Path, work: Path, config: dict) -> dict:
     """The seven commonsense sets, each split into test / validation / train rows, then mixed per split."""
     splits: dict[str, list[dict]] = {"test": [], "validation": [], "train": []}
     for task in COMMONSENSE_TASKS:
@@ -121,13 +121,12 @@ def prepare_commonsense_splits(data_dir: Path, work: Path, config: dict, general
             splits[name] += [{k: row[k] for k in ("instruction", "input", "output")} for row in rows[start: start + count]]
             start += count
     splits = {name: shuffled_rows(rows, config["data_seed"]) for name, rows in splits.items()}
-    splits["general"] = [{"instruction": q, "input": "", "output": a} for q, a in general]
     for name, rows in splits.items():
         write_jsonl(work / "commonsense" / f"{name}.jsonl", rows)
     return {"train_file": str(work / "commonsense" / "train.jsonl"),
-            "loss_files": {name: str(work / "commonsense" / f"{name}.jsonl") for name in ("validation", "test", "general")},
+            "loss_files": {name: str(work / "commonsense" / f"{name}.jsonl") for name in ("validation", "test")},
             "num_train": len(splits["train"]), "num_validation": len(splits["validation"]),
-            "num_test": len(splits["test"]), "num_general": len(general)}
+            "num_test": len(splits["test"])}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,12 +203,17 @@ def run_config(config: dict, method: str, rate: float) -> dict:
 
 
 def train_one(task: str, method: str, rate: float, seed: int, config: dict, data: dict, base_model: str, work: Path,
-              settings: Settings) -> dict:
-    """One run through the task script (MATH runs are scored too); its numbers with the rate it ran at."""
+              settings: Settings, general: list[tuple[str, str]]) -> dict:
+    """One run through the task script (MATH runs are scored too); its numbers with the rate it ran at, and the
+    loss of the general chat answers under the trained adapter (the forgetting probe)."""
     core = "lora" if method == BASE else method
+
+    def probe(run_dir: Path) -> dict:
+        return {"general_loss": chat_answer_loss(run_dir, general, config["general_cutoff_len"], settings.device)}
+
     result = run_one(task, core, seed, run_config(config, method, rate), data, base_model, work, settings.device,
                      settings.timeout_s, in_process=settings.isolation == "in-process", score=task == "math",
-                     name=f"{task}-{method}-{rate_key(rate)}-{seed}")
+                     name=f"{task}-{method}-{rate_key(rate)}-{seed}", probe=probe)
     return {**result, "method": method, "learning_rate": float(rate_key(rate))}
 
 
@@ -241,14 +245,14 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     try:
         base_model = base_model_path(settings.scale, work)
         general = general_rows(data_dir, config["general_rows"])
-        data = {"math": prepare_math_splits(data_dir, work, config, general),
-                "commonsense": prepare_commonsense_splits(data_dir, work, config, general)}
+        data = {"math": prepare_math_splits(data_dir, work, config),
+                "commonsense": prepare_commonsense_splits(data_dir, work, config)}
         log(f"tuned: {len(runs)} runs already in {path.name}; logs in {work}")
         index = 0
         while todo := next_runs(runs, tasks, methods, config):
             task, method, rate, seed = todo[0]
             index += 1
-            result = train_one(task, method, rate, seed, config, data[task], base_model, work, settings)
+            result = train_one(task, method, rate, seed, config, data[task], base_model, work, settings, general)
             runs.append(result)
             log(f"[{index}, {len(todo) - 1} known to go] {task} {method} lr {rate:g} seed {seed}: "
                 f"validation {result['validation_loss']:.4f} test {result['test_loss']:.4f} "
