@@ -740,3 +740,15 @@ def parse_overrides(text: Optional[str], config: dict) -> dict:
             raise SystemExit(f"--real-sizes: {item!r} is not KEY=VALUE with KEY one of {', '.join(sorted(config))}")
         overrides[key] = type(config[key])(value)
     return overrides
+
+
+def finetune_settings(settings: Settings, config: dict, tasks: Sequence[str]) -> tuple[dict, list[str], list[str], Path, dict]:
+    """What a fine-tuning part ("real", "tuned") reads from its settings: its sizes with --seeds and --real-sizes
+    applied, the methods and tasks chosen, the shared data folder and the machine."""
+    config = dict(config)
+    if settings.extra.get("seeds"):
+        config["seeds"] = int(settings.extra["seeds"])
+    config.update(parse_overrides(settings.extra.get("real_sizes"), config))
+    methods = comma_selection(settings.extra.get("methods"), list(METHODS), "methods")
+    chosen_tasks = comma_selection(settings.extra.get("real_tasks"), tasks, "tasks")
+    return config, methods, chosen_tasks, shared_data_dir(settings.extra.get("data_dir")), machine_info(settings.device)

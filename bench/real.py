@@ -31,9 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common import (LABELS, METHODS, Settings, calibrated, comma_selection, fmt, machine_info, markdown_table, mean,
-                    parse_overrides, part_header,
-                    shared_data_dir, std, target_check, targets_markdown, write_json)
+from common import (LABELS, METHODS, Settings, calibrated, finetune_settings, fmt, markdown_table, mean, part_header,
+                    std, target_check, targets_markdown, write_json)
 from finetune import COMMONSENSE_TASKS, base_model_path, prepare_commonsense, prepare_math, run_one
 
 PART = "real"
@@ -78,14 +77,7 @@ def reusable(run: dict, old_config: Optional[dict], config: dict) -> bool:
 def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     """Train and score every (task, method, seed), one process at a time; write bench/results/real.json."""
     started = time.time()
-    config = sizes(settings.scale)
-    if settings.extra.get("seeds"):
-        config["seeds"] = int(settings.extra["seeds"])
-    config.update(parse_overrides(settings.extra.get("real_sizes"), config))
-    methods = comma_selection(settings.extra.get("methods"), list(METHODS), "methods")
-    tasks = comma_selection(settings.extra.get("real_tasks"), TASKS, "tasks")
-    data_dir = shared_data_dir(settings.extra.get("data_dir"))
-    machine = machine_info(settings.device)
+    config, methods, tasks, data_dir, machine = finetune_settings(settings, sizes(settings.scale), TASKS)
     path = settings.results_dir / f"{PART}.json"
     previous = json.loads(path.read_text()) if path.is_file() and not settings.quick else {}
     runs: list[dict] = [r for r in previous.get("runs", []) if reusable(r, previous.get("config"), config)]

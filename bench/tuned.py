@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common import (LABELS, METHODS, Settings, comma_selection, fmt, machine_info, markdown_table, mean,
-                    parse_overrides, part_header, shared_data_dir, std, target_check, targets_markdown, write_json)
+from common import (LABELS, METHODS, Settings, finetune_settings, fmt, markdown_table, mean, part_header, std,
+                    target_check, targets_markdown, write_json)
 from finetune import (COMMONSENSE_TASKS, base_model_path, chat_answer_loss, math_training_row, run_one,
                       shuffled_rows, write_jsonl)
 
@@ -231,14 +231,7 @@ def previous_runs(path: Path, config: dict) -> list[dict]:
 def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the tuned comparison; write bench/results/tuned.json after every run."""
     started = time.time()
-    config = sizes(settings.scale)
-    if settings.extra.get("seeds"):
-        config["seeds"] = int(settings.extra["seeds"])
-    config.update(parse_overrides(settings.extra.get("real_sizes"), config))
-    methods = comma_selection(settings.extra.get("methods"), list(METHODS), "methods")
-    tasks = comma_selection(settings.extra.get("real_tasks"), TASKS, "tasks")
-    data_dir = shared_data_dir(settings.extra.get("data_dir"))
-    machine = machine_info(settings.device)
+    config, methods, tasks, data_dir, machine = finetune_settings(settings, sizes(settings.scale), TASKS)
     path = settings.results_dir / f"{PART}.json"
     runs = previous_runs(path, config)
     work = Path(tempfile.mkdtemp(prefix="tlora-tuned-"))

@@ -80,3 +80,18 @@ def llama():
 def _seed():
     random.seed(0)
     torch.manual_seed(0)
+
+
+def trained_tlora(llama, samples, max_rank=None):
+    """A TLoRA model on `llama` (r = 4, alpha = 8, modules of different ranks and scales) whose every B is random and
+    non-zero, standing in for training so that the adapter changes the outputs."""
+    from tlora import TLoRAConfig, get_tlora_model
+
+    config = TLoRAConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM", max_rank=max_rank)
+    model = get_tlora_model(llama, config, pad_batches(samples, 3), show_progress=False)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model.eval()

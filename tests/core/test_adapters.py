@@ -8,7 +8,7 @@ import textwrap
 import torch
 from safetensors.torch import load_file
 
-from conftest import LLAMA_TARGETS, pad_batches
+from conftest import LLAMA_TARGETS, pad_batches, trained_tlora
 from tlora import TLoRAConfig, get_tlora_model, load_tlora_model
 from tlora.config import exact_pattern_keys
 
@@ -29,22 +29,10 @@ STOCK_LOADER = textwrap.dedent(
 )
 
 
-def _trained_tlora(llama, samples):
-    config = TLoRAConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM")
-    model = get_tlora_model(llama, config, pad_batches(samples, 3), show_progress=False)
-    # Stand in for training: give every B a non-zero value so the adapter changes the outputs.
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
-
-
 def test_saved_adapter_is_plain_lora_and_loads_in_stock_peft(llama, samples, tmp_path):
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     llama.save_pretrained(base_dir)
-    model = _trained_tlora(llama, samples)
+    model = trained_tlora(llama, samples)
     model.save_pretrained(adapter_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     plan = model.base_model.tlora_plan()
@@ -75,7 +63,7 @@ def test_saved_adapter_is_plain_lora_and_loads_in_stock_peft(llama, samples, tmp
 
 
 def test_merge_and_unload_gives_the_same_logits(llama, samples):
-    model = _trained_tlora(llama, samples)
+    model = trained_tlora(llama, samples)
     batch = pad_batches(samples, 6)[0]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
@@ -107,7 +95,7 @@ def test_load_tlora_model_refuses_a_folder_without_its_plan(llama, samples, tmp_
     from tlora.outputs import AdapterFolderError
     from tlora.fixtures.toy import tiny_llama
 
-    _trained_tlora(llama, samples).save_pretrained(tmp_path)  # the adapter alone, no tlora_plan.json beside it
+    trained_tlora(llama, samples).save_pretrained(tmp_path)  # the adapter alone, no tlora_plan.json beside it
     base = tiny_llama(hidden_size=32, num_layers=2, intermediate_size=48, num_heads=4, seed=0)
     with pytest.raises(AdapterFolderError, match=r"has no tlora_plan.json, so it is not a TLoRA adapter folder .*"
                        r"peft.PeftModel.from_pretrained\(model, "):

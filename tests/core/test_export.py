@@ -9,8 +9,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import LLAMA_TARGETS, pad_batches
-from tlora import TLoRAConfig, get_tlora_model
+from conftest import pad_batches, trained_tlora
 from tlora.export import (
     LLAMA_LORA_MODULES,
     VLLM_MAX_LORA_RANKS,
@@ -23,18 +22,6 @@ from tlora.export import (
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-
-def _tlora_adapter(llama, samples, max_rank=None):
-    """A TLoRA model whose modules have different ranks and scales, with random non-zero B."""
-    config = TLoRAConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM", max_rank=max_rank)
-    model = get_tlora_model(llama, config, pad_batches(samples, 3), show_progress=False)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
-
 
 def _write_adapter(directory, config, tensors):
     """A hand-written adapter folder (config + safetensors)."""
@@ -57,7 +44,7 @@ def _pair(name, rank, features=4, dtype=torch.float32):
 def test_exported_adapter_gives_the_tlora_logits_in_stock_peft_without_patterns(llama, samples, tmp_path):
     base_dir, adapter_dir, out_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "vllm"
     llama.save_pretrained(base_dir)
-    model = _tlora_adapter(llama, samples, max_rank=6)
+    model = trained_tlora(llama, samples, max_rank=6)
     plan = model.base_model.tlora_plan()
     ranks = {entry.rank for entry in plan.modules if entry.rank}
     scales = {entry.scaling for entry in plan.modules if entry.rank}
