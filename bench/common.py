@@ -742,7 +742,8 @@ def parse_overrides(text: Optional[str], config: dict) -> dict:
     return overrides
 
 
-def finetune_settings(settings: Settings, config: dict, tasks: Sequence[str]) -> tuple[dict, list[str], list[str], Path, dict]:
+def finetune_settings(settings: Settings, config: dict,
+                      tasks: Sequence[str]) -> tuple[dict, list[str], list[str], Path, dict]:
     """What a fine-tuning part ("real", "tuned") reads from its settings: its sizes with --seeds and --real-sizes
     applied, the methods and tasks chosen, the shared data folder and the machine."""
     config = dict(config)

@@ -43,7 +43,8 @@ def prepare_commonsense(data_dir: Path, work: Path, config: dict) -> dict[str, A
     """Held-out `<work>/commonsense_test/<task>/test.json` per task and one mixed training file."""
     train, held_out = [], {}
     for task in COMMONSENSE_TASKS:
-        rows = shuffled_rows(json.loads((data_dir / "commonsense" / task / "test.json").read_text()), config["data_seed"])
+        rows = json.loads((data_dir / "commonsense" / task / "test.json").read_text())
+        rows = shuffled_rows(rows, config["data_seed"])
         test = rows[: config["test_per_task"]]
         task_dir = work / "commonsense_test" / task
         task_dir.mkdir(parents=True, exist_ok=True)
