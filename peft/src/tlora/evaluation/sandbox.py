@@ -188,7 +188,7 @@ def read_only_binds() -> list[str]:
         if os.path.exists(path):
             arguments += ["--ro-bind", path, path]
     covered = [path for path in SYSTEM_DIRECTORIES if os.path.isdir(path)]
-    created: set[str] = set()
+    created: set[str] = {"/tmp"}  # the sandbox's own tmpfs, mounted before these binds
     for path in sorted(python_directories(), key=len):
         if any(path == done or path.startswith(done.rstrip("/") + "/") for done in covered):
             continue
@@ -215,9 +215,12 @@ def bubblewrap_prefix(bwrap: str, limits: SandboxLimits) -> tuple[list[str], Opt
     else:
         command += ["--unshare-user", "--disable-userns", "--uid", str(NOBODY), "--gid", str(NOBODY)]
         drop_to = None
-    command += read_only_binds()
+    # The private /tmp first, then the read-only binds on top of it: a virtual environment under /tmp (CI's is) stays
+    # visible instead of being hidden by the tmpfs.
     command += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(limits.tmp_mb * 1024 * 1024)]
-    command += ["--tmpfs", "/tmp", "--chdir", "/tmp", "--clearenv"]
+    command += ["--tmpfs", "/tmp"]
+    command += read_only_binds()
+    command += ["--chdir", "/tmp", "--clearenv"]
     for name, value in {**sandbox_environment(), "PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp"}.items():
         command += ["--setenv", name, value]
     return command, drop_to
