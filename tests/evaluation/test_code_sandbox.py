@@ -111,3 +111,23 @@ def test_the_scorer_process_is_untouched(sandbox):
     marker = "TLORA_SANDBOX_MARKER"
     run_one(sandbox, f"import os\nos.environ[{marker!r}] = '1'\nimport builtins\nbuiltins.len = None\n")
     assert marker not in os.environ and len([1]) == 1
+
+
+def test_a_python_directory_closed_to_others_is_reopened_with_its_entries_bound(tmp_path):
+    """CI's virtual environment comes from `mktemp -d` (0700): bound as it is, uid 65534 could not read its
+    site-packages, and `import numpy` failed inside the sandbox."""
+    from tlora.evaluation.sandbox import bind_for_others
+
+    closed = tmp_path / "venv"
+    (closed / "lib").mkdir(parents=True, mode=0o755)
+    (closed / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    os.symlink("lib", closed / "lib64")
+    closed.chmod(0o700)
+    assert bind_for_others(str(closed)) == [
+        *["--perms", "0755", "--dir", str(closed)],
+        *["--ro-bind", str(closed / "lib"), str(closed / "lib")],
+        *["--symlink", "lib", str(closed / "lib64")],
+        *["--ro-bind", str(closed / "pyvenv.cfg"), str(closed / "pyvenv.cfg")],
+    ]
+    closed.chmod(0o755)
+    assert bind_for_others(str(closed)) == ["--ro-bind", str(closed), str(closed)]

@@ -35,6 +35,7 @@ import logging
 import os
 import queue
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -200,8 +201,24 @@ def read_only_binds() -> list[str]:
         for parent in reversed(parents):  # bubblewrap would create them 0700, unreadable for the sandbox's user
             arguments += ["--perms", "0755", "--dir", parent]
             created.add(parent)
-        arguments += ["--ro-bind", path, path]
+        arguments += bind_for_others(path)
         covered.append(path)
+    return arguments
+
+
+def bind_for_others(path: str, depth: int = 0) -> list[str]:
+    """Read-only binds of `path` that uid 65534 can read: a directory closed to others (`mktemp -d` makes one 0700,
+    and CI's virtual environment is one) is recreated 0755 in the sandbox with its entries bound inside it."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISDIR(mode) or mode & 0o005 == 0o005 or depth >= 4:
+        return ["--ro-bind", path, path]
+    arguments = ["--perms", "0755", "--dir", path]
+    for entry in sorted(os.listdir(path)):
+        child = os.path.join(path, entry)
+        if os.path.islink(child):
+            arguments += ["--symlink", os.readlink(child), child]
+        else:
+            arguments += bind_for_others(child, depth + 1)
     return arguments
 
 
