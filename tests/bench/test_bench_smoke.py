@@ -96,8 +96,13 @@ def test_init_cost_json_has_every_case_ratio_and_target(parts_1_to_3):
 def test_memory_json_extrapolates_the_measured_layer(parts_1_to_3):
     data = json.loads((parts_1_to_3 / "memory.json").read_text())
     _check_header(data, "memory")
-    assert set(data["runs"]) == {"default", "offload_cpu"}
+    assert set(data["runs"]) == {"default", "offload_cpu", "passes_2"}
     extrapolation = data["extrapolation"]
+    passes = extrapolation["passes_2"]
+    assert passes["max_relative_difference_from_one_pass"] == 0.0  # the mode is exact
+    run = data["runs"]["passes_2"][0]
+    assert run["same_keys_as_one_pass"] and sum(run["pass_statistics_bytes"]) == run["one_pass_statistics_bytes"]
+    assert passes["measured_per_layer_bytes"] == max(run["pass_statistics_bytes"]) < run["one_pass_statistics_bytes"]
     for name in ("default", "offload_cpu"):
         entry = extrapolation[name]
         assert entry["measured_matches_tlora_layout"] is True

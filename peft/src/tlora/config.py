@@ -108,11 +108,24 @@ class TLoRAConfig(LoraConfig):
         default=None,
         metadata={"help": "Device that holds the statistics (e.g. 'cpu' to offload). Default: each module's device."},
     )
+    statistics_passes: int = field(
+        default=1,
+        metadata={
+            "help": "Collect the statistics in this many passes over the calibration data, each holding only its "
+            "share of the layers' statistics, decomposed and freed before the next (exact: the same A and plan as "
+            "one pass). 2 halves the statistics memory (Llama-2-7B: 12.2 GB -> 6.4 GB) for more "
+            "calibration time (the later passes are forward-only and stop at their last layer; see docs/scale.md)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.rank_budget is not None and self.parameter_budget is not None:
             raise ValueError("Give either rank_budget or parameter_budget, not both.")
+        if isinstance(self.statistics_passes, bool) or not isinstance(self.statistics_passes, int) or (
+            self.statistics_passes < 1
+        ):
+            raise ValueError(f"statistics_passes must be a positive integer, got {self.statistics_passes!r}.")
         if self.rank_budget is not None and self.rank_budget <= 0:
             raise ValueError(f"rank_budget must be positive, got {self.rank_budget}.")
         if self.parameter_budget is not None and self.parameter_budget <= 0:

@@ -5,6 +5,7 @@ adapter folder back as a `TLoRAModel`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from peft import PeftModel, get_peft_model
 from . import distributed
 from .allocation import ModuleInfo, TLoRAPlan, check_parameter_budget, derive_plan
 from .calibration import (
+    PassShare,
     TLoRAStatistics,
     cached_statistics,
     check_same_base_weights,
@@ -94,6 +96,44 @@ def apply_plan(
     return peft_model
 
 
+def agreed_plan(statistics: TLoRAStatistics, config: TLoRAConfig) -> TLoRAPlan:
+    """The plan of `statistics`: every rank derives it from all-reduced sums; rank 0's copy is authoritative and the
+    others must agree."""
+    plan = plan_from_statistics(statistics, config)
+    return TLoRAPlan.from_dict(distributed.broadcast_json(plan.to_dict(), src=0))
+
+
+def lora_A_in_passes(
+    model: torch.nn.Module, calibration_data: Iterable[Mapping[str, torch.Tensor]], config: TLoRAConfig,
+    targets: list[TargetModule], show_progress: bool = True,
+) -> tuple[TLoRAPlan, dict[str, torch.Tensor]]:
+    """The plan and A with `config.statistics_passes` > 1 passes over `calibration_data`, each holding one group of
+    the statistics (layout.statistic_groups), decomposed and freed before the next pass starts.
+
+    The first pass runs forward and backward: every module's sensitivity (so the whole plan) and the statistics of
+    the last group of layers. The others are forward-only, for the earlier groups, cut after their last layer. The
+    sums are the same as one pass's, so plan and A are too; only the peak memory of the statistics shrinks."""
+    count = config.statistics_passes
+    if iter(calibration_data) is calibration_data:
+        raise CalibrationError(
+            f"statistics_passes={count} reads calibration_data {count} times: give a list or a DataLoader, not an "
+            "iterator or generator"
+        )
+    plan: Optional[TLoRAPlan] = None
+    lora_A: dict[str, torch.Tensor] = {}
+    for index in [count - 1, *range(count - 1)]:
+        share = PassShare(index, count, sensitivity=plan is None)
+        statistics = compute_statistics(
+            model, calibration_data, config, targets=targets, show_progress=show_progress, share=share
+        )
+        plan = plan if plan is not None else agreed_plan(statistics, config)
+        collected = statistics.collected_modules()
+        group = dataclasses.replace(plan, modules=[entry for entry in plan.modules if entry.name in collected])
+        lora_A.update(lora_A_from_statistics(targets, statistics, group, config, show_progress))
+        del statistics  # freed before the next pass allocates its own
+    return plan, lora_A
+
+
 def get_tlora_model(
     model: torch.nn.Module,
     config: TLoRAConfig,
@@ -120,6 +160,11 @@ def get_tlora_model(
     check_readable_weights(targets)
     shapes = [(t.name, t.out_features, t.in_features) for t in targets]
     check_parameter_budget(config.parameter_budget, shapes, config.freeze_lora_A)  # before the calibration pass
+    if statistics_cache is not None and config.statistics_passes > 1:
+        raise ValueError(
+            f"statistics_passes={config.statistics_passes} cannot be combined with statistics_cache: the cache holds "
+            "every statistic at once, which is the memory the passes avoid. Drop one of the two."
+        )
     if statistics is not None or statistics_cache is not None:
         check_same_base_weights(targets)  # a calibration pass checks them itself
     if statistics is not None:
@@ -131,14 +176,15 @@ def get_tlora_model(
         )
         # A loaded cache is on the CPU: each statistic goes to its module's device (or config.statistics_device).
         statistics = place_statistics(statistics, targets, resolve_statistics_device(config))
-    else:
-        if calibration_data is None:
-            raise CalibrationError("get_tlora_model needs calibration_data (or statistics / a statistics_cache file)")
+    elif calibration_data is None:
+        raise CalibrationError("get_tlora_model needs calibration_data (or statistics / a statistics_cache file)")
+    elif config.statistics_passes == 1:
         statistics = compute_statistics(model, calibration_data, config, targets=targets, show_progress=show_progress)
-    plan = plan_from_statistics(statistics, config)
-    # Every rank derives the plan from all-reduced sums; rank 0's copy is authoritative and the others must agree.
-    plan = TLoRAPlan.from_dict(distributed.broadcast_json(plan.to_dict(), src=0))
-    lora_A = lora_A_from_statistics(targets, statistics, plan, config, show_progress)
+    if statistics is not None:
+        plan = agreed_plan(statistics, config)
+        lora_A = lora_A_from_statistics(targets, statistics, plan, config, show_progress)
+    else:
+        plan, lora_A = lora_A_in_passes(model, calibration_data, config, targets, show_progress)
     distributed.check_identical_across_ranks(plan.to_json().encode() + digest_lora_A(lora_A), "the TLoRA plan and A")
     return apply_plan(
         model, plan, lora_A, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype

@@ -10,12 +10,13 @@
 """
 
 from .cache import cached_statistics
-from .run import check_same_base_weights, compute_statistics, resolve_statistics_device
+from .run import PassShare, check_same_base_weights, compute_statistics, resolve_statistics_device
 from ..config import SENSITIVITY_MODES, SensitivityMode
 from .statistics import ModuleStatistics, TLoRAStatistics, place_statistics
 
 __all__ = [
     "ModuleStatistics",
+    "PassShare",
     "SENSITIVITY_MODES",
     "SensitivityMode",
     "TLoRAStatistics",

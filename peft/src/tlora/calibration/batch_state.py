@@ -47,6 +47,7 @@ class BatchState:
     per_sample_sensitivity: dict = field(default_factory=dict)
     input_flags: list = field(default_factory=list)
     gradient_flags: list = field(default_factory=list)
+    accumulated: int = 0  # statistics accumulated in this forward pass (a forward-only pass stops after its last)
     device_views: Optional[DeviceViews] = None  # the tensors above on other devices, built on first request
 
     def on(self, device: torch.device) -> BatchView:

@@ -97,10 +97,12 @@ class StatisticSums:
                 self.sensitivity_sums[name] = torch.zeros((), dtype=torch.float64, device=values.device)
             self.sensitivity_sums[name] += (values * weights.to(values.device)).sum()
 
-    def ensure_all(self, targets: list[TargetModule], layout: Layout) -> None:
-        """Create zero sums for every statistic and module not seen yet (a rank that processed no batch)."""
+    def ensure_all(self, targets: list[TargetModule], layout: Layout, only: Optional[frozenset] = None) -> None:
+        """Create zero sums for every statistic (of `only`, if given) not seen yet (a rank that processed no batch)."""
         for target in targets:
             kind, key = layout[target.name]
+            if only is not None and key not in only:
+                continue
             store = self.covariances if kind == "covariance" else self.cross
             if key not in store:
                 device = self.statistics_device or target.module.weight.device
@@ -118,14 +120,26 @@ def _gram_block_edges(features: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class CalibrationHooks:
-    """Forward and gradient hooks that accumulate the statistics of the target modules into `sums`."""
+class ForwardComplete(Exception):
+    """Raised by the hook that accumulated a forward-only pass's last statistic: the rest of the forward is skipped."""
 
-    def __init__(self, targets: list[TargetModule], layout: Layout, sums: StatisticSums, sensitivity_mode: str):
+
+class CalibrationHooks:
+    """Forward and gradient hooks that accumulate the statistics of the target modules into `sums`.
+
+    `only` (statistic keys, see layout.py) restricts the statistics collected to those keys; with `stop_early` the
+    forward pass is cut (`ForwardComplete`) once all of them have been accumulated (a forward-only pass)."""
+
+    def __init__(
+        self, targets: list[TargetModule], layout: Layout, sums: StatisticSums, sensitivity_mode: str,
+        only: Optional[frozenset] = None, stop_early: bool = False,
+    ):
         self.targets = {t.name: t for t in targets}
         self.layout = layout
         self.sums = sums
         self.sensitivity_mode = sensitivity_mode
+        self.only = only
+        self.stop_early = stop_early and only is not None
         self.state: Optional[BatchState] = None
         self.handles: list = []
 
@@ -200,6 +214,8 @@ class CalibrationHooks:
         """C += Xc^T Xc for a module that leads its shared input, or W C += Zc^T Xc in the "cross" layout."""
         state = self.state
         layout, key = self.layout[name]
+        if self.only is not None and key not in self.only:
+            return  # collected in another pass (statistics_passes)
         if layout == "covariance" and key != name:
             if state.shared_inputs.get(key) is not inputs:
                 raise CalibrationError(
@@ -216,6 +232,9 @@ class CalibrationHooks:
         else:
             self._accumulate_cross(name, rows, output)
         del rows
+        state.accumulated += 1
+        if self.stop_early and state.accumulated == len(self.only):
+            raise ForwardComplete()
 
     def _accumulate_cross(self, name: str, rows: torch.Tensor, output: torch.Tensor) -> None:
         """M = W C = sum_s Zc_s^T Xc_s, with Zc the per-sample centred outputs without bias."""

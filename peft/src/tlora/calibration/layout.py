@@ -98,3 +98,23 @@ def probe_layout(model: nn.Module, targets: list[TargetModule], inputs: dict) ->
     seen, calls = _record_target_inputs(model, targets, _probe_inputs(inputs))
     _check_probe(targets, seen, calls)
     return _choose_layout(targets, seen)
+
+
+def statistic_groups(targets: list[TargetModule], layout: Layout, count: int) -> list[frozenset]:
+    """The statistic keys split into `count` runs, in the order the forward pass reaches them, of about equal size:
+    what each pass of `statistics_passes` collects (layers are cut where the running size crosses k/count)."""
+    by_name = {target.name: target for target in targets}
+    sizes: dict[str, int] = {}
+    for name, (kind, key) in layout.items():  # the layout lists modules in call order
+        if key not in sizes:
+            rows, columns = by_name[name if kind == "cross" else key].statistic_shape(kind)
+            sizes[key] = rows * columns
+    total = sum(sizes.values())
+    groups: list[set] = [set() for _ in range(count)]
+    running = 0
+    for key, size in sizes.items():
+        # Each key goes to the group its midpoint falls in.
+        index = min(count - 1, int((running + size / 2) * count // max(total, 1)))
+        groups[index].add(key)
+        running += size
+    return [frozenset(group) for group in groups]  # a group may be empty when count exceeds the keys

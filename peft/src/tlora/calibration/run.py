@@ -34,8 +34,8 @@ from ..targets import TargetModule, check_readable_weights, find_target_modules
 from ..weights import differentiable_quantized_layers
 from .batch_checks import BatchRules, validate_batch
 from .batch_state import BatchState
-from .hooks import CalibrationHooks, StatisticSums
-from .layout import Layout, probe_layout
+from .hooks import CalibrationHooks, ForwardComplete, StatisticSums
+from .layout import Layout, probe_layout, statistic_groups
 from .sensitivity import initial_loss_scale, losses_to_differentiate, unscale
 from .statistics import ModuleStatistics, TLoRAStatistics
 
@@ -50,6 +50,7 @@ def compute_statistics(
     targets: Optional[list[TargetModule]] = None,
     show_progress: bool = True,
     shard_batches: bool = True,
+    share: Optional["PassShare"] = None,
 ) -> TLoRAStatistics:
     """Run the calibration pass over `calibration_data` and return covariances and sensitivities.
 
@@ -57,6 +58,9 @@ def compute_statistics(
     `torch.distributed` each rank processes the batches whose index modulo the world size is its rank (set
     `shard_batches=False` if each rank already iterates its own shard), and the sums are all-reduced so every rank
     returns identical statistics. The model's `requires_grad` flags and training mode are restored afterwards.
+
+    `share` makes this one pass of `statistics_passes`: it collects only its group of the statistics, and, unless it
+    is the pass that measures the sensitivities, runs forward-only and stops each forward after its last module.
     """
     config = config or TLoRAConfig()
     targets = targets if targets is not None else find_target_modules(model, config)
@@ -71,10 +75,13 @@ def compute_statistics(
         first, batches = _first_batch(calibration_data, run.rules)
         with _frozen(model), differentiable_quantized_layers((t.module, t.storage) for t in targets):
             layout = probe_layout(model, targets, _prepare_inputs(first, run.device, run.keys))
-            hooks = CalibrationHooks(targets, layout, sums, config.sensitivity)
+            run.only = statistic_groups(targets, layout, share.count)[share.index] if share else None
+            run.sensitivity = share is None or share.sensitivity
+            hooks = CalibrationHooks(targets, layout, sums, config.sensitivity, run.only, not run.sensitivity)
+            calibrate = _calibrate_batch if run.sensitivity else _forward_only_batch
             with hooks.attached(), _progress(show_progress and run.rank == 0, _length(calibration_data)) as progress:
                 for batch_index, batch in enumerate(batches):
-                    _calibrate_batch(model, batch, batch_index, hooks, run, config)
+                    calibrate(model, batch, batch_index, hooks, run, config)
                     if progress is not None:
                         progress.update(1)
     except Exception as error:  # agreed on below, so that no other rank is left waiting in the all-reduce
@@ -106,6 +113,18 @@ class _PassRun:
     skipped: list = field(default_factory=list)  # samples without a label token
     loss_scale: float = 1.0  # the differentiated losses are multiplied by it (float16 models; sensitivity.py)
     rules: BatchRules = field(default_factory=BatchRules)  # what every batch is checked against
+    only: Optional[frozenset] = None  # the statistic keys this pass collects (None: all; statistics_passes)
+    sensitivity: bool = True  # False: a forward-only pass of statistics_passes
+
+
+@dataclass(frozen=True)
+class PassShare:
+    """One pass of `statistics_passes`: it collects group `index` of `count` (layout.statistic_groups); the pass
+    with `sensitivity` also runs the backward pass that measures every module's sensitivity."""
+
+    index: int
+    count: int
+    sensitivity: bool
 
 
 def check_same_base_weights(targets: list[TargetModule]) -> None:
@@ -281,6 +300,32 @@ def _calibrate_batch(
     hooks.state = None
 
 
+def _forward_only_batch(
+    model: nn.Module, batch: Mapping[str, Any], batch_index: int, hooks: CalibrationHooks, run: _PassRun,
+    config: TLoRAConfig,
+) -> None:
+    """Accumulate one batch's share of the statistics with a forward pass cut after its last module."""
+    validate_batch(batch, batch_index, run.rules)
+    batch_size = _batch_size(batch)
+    if batch_index % run.world_size != run.rank or not run.only:
+        run.sample_offset += batch_size
+        return
+    inputs = {k: v for k, v in _prepare_inputs(batch, run.device, run.keys).items() if k != "labels"}
+    state = BatchState.for_batch(inputs["attention_mask"], batch_index, run.sample_offset)
+    state.collect(sensitivity=False)
+    hooks.state = state
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except ForwardComplete:
+        pass
+    _check_flags(state.input_flags, state, "input")
+    run.num_samples += batch_size
+    run.num_tokens += int(state.counts.sum().item())
+    run.sample_offset += batch_size
+    hooks.state = None
+
+
 def _skip_model_loss(model: nn.Module, run: _PassRun, batch_size: int, config: TLoRAConfig) -> bool:
     """Once the per-sample split of the loss is verified, the model need not compute its own loss as well."""
     return (
@@ -377,11 +422,12 @@ def _warn_unlabelled(skipped: list[int]) -> None:
 
 
 def _all_reduce(
-    sums: StatisticSums, targets: list[TargetModule], layout: Layout, counts: torch.Tensor, sensitivity: torch.Tensor
+    sums: StatisticSums, targets: list[TargetModule], layout: Layout, counts: torch.Tensor, sensitivity: torch.Tensor,
+    only: Optional[frozenset] = None,
 ) -> None:
     """Sum the counts, sensitivities and covariances over all ranks, in place."""
     # Every rank must own a buffer for every statistic, even if it processed no batch.
-    sums.ensure_all(targets, layout)
+    sums.ensure_all(targets, layout, only)
     distributed.all_reduce_sum_(
         [counts, sensitivity]
         + [sums.covariances[k] for k in sorted(sums.covariances)]
@@ -420,9 +466,9 @@ def _finalise(
     counts = torch.tensor([run.num_samples, run.num_tokens, run.num_sensitivity_samples], dtype=torch.float64)
     sensitivity = torch.stack([sums.sensitivity_sums[t.name].double().cpu() for t in targets])
     if distributed.is_distributed():
-        _all_reduce(sums, targets, layout, counts, sensitivity)
+        _all_reduce(sums, targets, layout, counts, sensitivity, run.only)
     num_samples, num_tokens, num_sensitivity_samples = (int(round(v)) for v in counts.tolist())
-    if num_sensitivity_samples == 0:
+    if num_sensitivity_samples == 0 and run.sensitivity:
         raise CalibrationError("no calibration sample has a label token; the sensitivity is undefined")
     return TLoRAStatistics(
         modules=_module_records(targets, layout, sensitivity),

@@ -146,6 +146,15 @@ class TLoRAStatistics:
         covariance = self.covariances[record.covariance_key].to(device=weight.device, dtype=weight.dtype)
         return weight @ covariance
 
+    def collected_modules(self) -> set[str]:
+        """Names of the modules whose statistic is present (all of them, except in one pass of statistics_passes)."""
+        return {
+            record.name
+            for record in self.modules
+            if (record.covariance_key in self.covariances if record.layout == "covariance"
+                else record.name in self.cross_covariances)
+        }
+
     def to(self, device: torch.device | str) -> "TLoRAStatistics":
         """The same statistics with every tensor moved to `device`."""
         moved = copy.copy(self)
