@@ -79,11 +79,12 @@ class Settings:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def comma_selection(value: Optional[str], choices: Sequence[str], what: str) -> list[str]:
-    """The names of a comma-separated option (all `choices` when empty); an unknown name ends the run with the
-    choices."""
+def comma_selection(value: Optional[str], choices: Sequence[str], what: str,
+                    default: Optional[Sequence[str]] = None) -> list[str]:
+    """The names of a comma-separated option (`default`, else all `choices`, when empty); an unknown name ends the
+    run with the choices."""
     if not value:
-        return list(choices)
+        return list(default if default is not None else choices)
     names = [name.strip() for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in choices]
     if unknown:
@@ -662,14 +663,23 @@ METHODS = {
     if entry.benchmarked
     for name, spec in [(entry.name, (entry.name, 1.0))] + [v for v in BENCH_VARIANTS.items() if v[1][0] == entry.name]
 }
+# Options of a method measured beside its default, run only when --methods names them (the fine-tuning parts):
+# bench name -> (training-core method, rank factor, extra options of the task scripts). Never a peer in a target.
+PROPOSED = {
+    # TLoRA with every module at the nominal scale alpha / r instead of the sensitivity-allocated alpha_l >= alpha.
+    "tlora_uniform_scale": ("tlora", 1.0, ("--allocate_scales", "False")),
+}
+ALL_METHODS = {**METHODS, **{name: (core, factor) for name, (core, factor, _) in PROPOSED.items()}}
+METHOD_OPTIONS = {name: list(options) for name, (_, _, options) in PROPOSED.items()}
 # The registry's labels, but where the benchmark needs the rank or the mode in the label.
-BENCH_LABELS = {"lora": "LoRA r", "lora_half": "LoRA r/2", "corda": "CorDA (IPM)"}
-LABELS = {name: BENCH_LABELS.get(name, method_entry(core).label) for name, (core, _) in METHODS.items()}
+BENCH_LABELS = {"lora": "LoRA r", "lora_half": "LoRA r/2", "corda": "CorDA (IPM)",
+                "tlora_uniform_scale": "TLoRA, uniform scales (proposed option)"}
+LABELS = {name: BENCH_LABELS.get(name, method_entry(core).label) for name, (core, _) in ALL_METHODS.items()}
 
 
 def calibrated(method: str) -> bool:
     """Whether a bench method's training-core method calibrates on data (its results depend on calibration sizes)."""
-    return method_entry(METHODS[method][0]).calibrated
+    return method_entry(ALL_METHODS[method][0]).calibrated
 
 
 class DataMissingError(FileNotFoundError):
@@ -750,6 +760,6 @@ def finetune_settings(settings: Settings, config: dict,
     if settings.extra.get("seeds"):
         config["seeds"] = int(settings.extra["seeds"])
     config.update(parse_overrides(settings.extra.get("real_sizes"), config))
-    methods = comma_selection(settings.extra.get("methods"), list(METHODS), "methods")
+    methods = comma_selection(settings.extra.get("methods"), list(ALL_METHODS), "methods", default=list(METHODS))
     chosen_tasks = comma_selection(settings.extra.get("real_tasks"), tasks, "tasks")
     return config, methods, chosen_tasks, shared_data_dir(settings.extra.get("data_dir")), machine_info(settings.device)

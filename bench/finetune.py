@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from common import METHODS, REPO_ROOT
+from common import ALL_METHODS, METHOD_OPTIONS, REPO_ROOT
 
 COMMONSENSE_TASKS = ("boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 
@@ -85,7 +85,7 @@ def prepare_math(data_dir: Path, work: Path, config: dict) -> dict[str, Any]:
 def training_command(task: str, method: str, seed: int, config: dict, data: dict, base_model: str, output_dir: Path,
                      device: str) -> list[str]:
     """The task script's command line for one run (every method gets the same options but its name and rank)."""
-    core_method, factor = METHODS[method]
+    core_method, factor = ALL_METHODS[method]
     r = max(1, int(round(config["r"] * factor)))
     alpha = config["lora_alpha"] * r / config["r"]
     script = "commonsense_train.py" if task == "commonsense" else "math_train.py"
@@ -103,6 +103,7 @@ def training_command(task: str, method: str, seed: int, config: dict, data: dict
         "--torch_dtype", "float32", "--bf16", "False", "--save_strategy", "no", "--logging_steps", "5",
         "--report_to", "none", "--disable_tqdm", "True",
     ]
+    command += METHOD_OPTIONS.get(method, [])
     if device == "cpu":
         command += ["--use_cpu", "True"]
     splits = evaluation_files(task, data)

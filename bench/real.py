@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common import (LABELS, METHODS, Settings, calibrated, finetune_settings, fmt, markdown_table, mean, part_header,
-                    std, target_check, targets_markdown, write_json)
+from common import (ALL_METHODS, LABELS, Settings, calibrated, finetune_settings, fmt, markdown_table, mean,
+                    part_header, std, target_check, targets_markdown, write_json)
 from finetune import COMMONSENSE_TASKS, base_model_path, prepare_commonsense, prepare_math, run_one
 
 PART = "real"
@@ -149,7 +149,7 @@ def table(runs: list[dict]) -> dict:
             continue
         lora = next((r["trainable_parameters"] for r in task_runs if r["method"] == "lora"), None)
         out[task] = {}
-        for method in METHODS:
+        for method in ALL_METHODS:
             chosen = [r for r in task_runs if r["method"] == method]
             if not chosen:
                 continue
@@ -214,7 +214,7 @@ def markdown(data: dict) -> str:
     headers = ["method", "params", "/ LoRA"] + [t for t in COMMONSENSE_TASKS] + ["CS avg %", "MATH loss", "MATH acc %",
                                                                                "CS init / train s"]
     rows = []
-    for method in METHODS:
+    for method in ALL_METHODS:
         if method not in cs and method not in math:
             continue
         any_entry = cs.get(method) or math.get(method)

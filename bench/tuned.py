@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common import (LABELS, METHODS, Settings, finetune_settings, fmt, markdown_table, mean, part_header, std,
-                    target_check, targets_markdown, write_json)
+from common import (ALL_METHODS, LABELS, PROPOSED, Settings, finetune_settings, fmt, markdown_table, mean,
+                    part_header, std, target_check, targets_markdown, write_json)
 from finetune import (COMMONSENSE_TASKS, base_model_path, chat_answer_loss, math_training_row, run_one,
                       shuffled_rows, write_jsonl)
 
@@ -259,7 +259,9 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
 def _write(settings: Settings, started: float, machine: dict, config: dict, data: dict, runs: list[dict],
            tasks: list[str], methods: list[str]) -> dict:
     """The part's JSON from the runs so far."""
-    summary = table(runs, tasks, methods, config)
+    # The table covers every method with runs in the file, whichever --methods this invocation was given.
+    present = [m for m in ALL_METHODS if m in methods or any(r["method"] == m for r in runs)]
+    summary = table(runs, tasks, present, config)
     result = {
         **part_header(PART, settings, machine, started),
         "commands": sorted({*_earlier_commands(settings), settings.command}),
@@ -341,11 +343,14 @@ def target_checks(summary: dict) -> list[dict]:
     ratios = [summary[t]["tlora"]["parameters_over_lora"] for t in tasks if "tlora" in summary[t]]
     if ratios:
         checks.append(target_check("TLoRA trainable parameters / LoRA's", max(ratios), 0.6))
-    peers = {m: v for m, v in average.items() if m != "tlora"}
+    peers = {m: v for m, v in average.items() if m != "tlora" and m not in PROPOSED}
     if "tlora" in average and peers:
         best = min(peers, key=peers.get)
         checks.append(target_check(f"TLoRA - best tuned peer ({LABELS[best]}), test loss / LoRA's, mean over tasks",
                                    average["tlora"] - peers[best], 0.0, "<="))
+        for option in (m for m in PROPOSED if m in average):
+            checks.append(target_check(f"{LABELS[option]} - best tuned peer ({LABELS[best]}), same measure",
+                                       average[option] - peers[best], 0.0, "<="))
     return checks
 
 
@@ -360,7 +365,7 @@ def markdown(data: dict) -> str:
         headers += ["math: acc %"] if task == "math" else []
     headers += ["test loss / LoRA (mean)", "n"]
     rows = []
-    for method in [*METHODS, BASE]:
+    for method in [*ALL_METHODS, BASE]:
         cells = [summary[t].get(method) for t in tasks]
         if not any(cells):
             continue

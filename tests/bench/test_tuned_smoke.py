@@ -76,3 +76,25 @@ def test_tuned_part_reports_test_numbers_at_each_chosen_rate_and_resumes(tmp_pat
     for run in added:
         assert run["learning_rate"] == first["table"][run["task"]][run["method"]]["learning_rate"]
     assert len(second["commands"]) == 2
+
+
+def test_a_proposed_option_runs_only_when_named_and_is_never_the_peer_tlora_is_measured_against(tmp_path):
+    common, finetune, tuned = _load("common"), _load("finetune"), _load("tuned")
+    assert "tlora_uniform_scale" not in common.METHODS and "tlora_uniform_scale" in common.ALL_METHODS
+    assert common.comma_selection(None, list(common.ALL_METHODS), "methods", default=list(common.METHODS)) == \
+        list(common.METHODS)
+    config = {"r": 8, "lora_alpha": 8, "max_steps": 1, "batch_size": 1, "learning_rate": 1e-3, "seed": 0,
+              "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "cutoff_len": 32, "calibration_samples": 2,
+              "calibration_batch_size": 1, "eva_max_passes": 1}
+    data = {"train_file": "t.jsonl", "loss_file": "l.jsonl"}
+    command = finetune.training_command("math", "tlora_uniform_scale", 0, config, data, "base", tmp_path, "cpu")
+    assert command[command.index("--method") + 1] == "tlora"
+    assert command[command.index("--allocate_scales") + 1] == "False"
+    assert "--allocate_scales" not in finetune.training_command("math", "tlora", 0, config, data, "base", tmp_path,
+                                                                "cpu")
+    # The option beats every peer here, and TLoRA does not: the TLoRA target still fails, the option's own passes.
+    summary = {"complete_tasks": ["math"], "math": {"tlora": {"parameters_over_lora": 0.44}},
+               "average": {"lora": 1.0, "dora": 0.99, "tlora": 1.01, "tlora_uniform_scale": 0.98}}
+    checks = {check["target"].split(" (")[0]: check["met"] for check in tuned.target_checks(summary)}
+    assert checks == {"TLoRA trainable parameters / LoRA's": True, "TLoRA - best tuned peer": False,
+                      "TLoRA, uniform scales": True}
