@@ -1,8 +1,9 @@
 """Calibration time against its floor on SmolLM2-135M-Instruct: `tlora.compute_statistics` (default
 `TLoRAConfig(r=8)`, all seven projections) versus forward+backward passes with gradients on the 210 target weights
-only, over the same 2 padded batches x 8 samples of <= 192 tokens (labels on the response part). A third case
-times only the covariance / `W C` products TLoRA adds to the floor's work (same shapes and calls, random rows), which
-says how much of the difference is the method's own arithmetic rather than overhead.
+only, over the same 2 padded batches x 8 samples of <= 192 tokens (labels on the response part). Two more cases
+time only what TLoRA's arithmetic adds to the floor's work — the covariance / `W C` products (same shapes and calls,
+random rows) and the per-sample reductions sum |W * G_s| — which says how much of the difference is the method's own
+arithmetic rather than overhead.
 
 Cases run interleaved in one process (floor, tlora, [baseline], then reversed, ...) and the table shows medians.
 `--baseline-src DIR` also times another copy of the package (e.g. `git archive <commit> peft/src/tlora | tar -x -C
@@ -136,6 +137,31 @@ def statistics_products() -> Callable[[torch.nn.Module, list[dict]], object]:
     return run
 
 
+def sensitivity_reductions() -> Callable[[torch.nn.Module, list[dict]], object]:
+    """Only the per-sample reductions TLoRA adds to the floor's work: for every batch, sample and target, g = sum
+    |W * G_s| over an m x n gradient buffer (mul_, abs_, sum as `sensitivity._mean_weighted_l1` does). The per-sample
+    products G_s = delta_s^T X_s themselves are not timed: together they are the floor's batch weight gradient."""
+    from tlora import TLoRAConfig
+    from tlora.calibration.sensitivity import _mean_weighted_l1
+    from tlora.targets import find_target_modules
+
+    prepared: dict = {}
+
+    def run(model: torch.nn.Module, batches: list[dict]) -> object:
+        if not prepared:
+            targets = find_target_modules(model, TLoRAConfig(r=8, target_modules=TARGETS))
+            prepared["weights"] = [t.weight_matrix(torch.float32, copy=False) for t in targets]
+            prepared["buffers"] = [torch.randn(w.shape) for w in prepared["weights"]]
+        total = 0.0
+        for batch in batches:
+            for _sample in range(batch["input_ids"].shape[0]):
+                for weight, buffer in zip(prepared["weights"], prepared["buffers"]):
+                    total += float(_mean_weighted_l1(buffer, weight))  # overwrites the buffer, as in calibration
+        return total
+
+    return run
+
+
 def timed(function: Callable[[], object]) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one call."""
     start, cpu = time.perf_counter(), time.process_time()
@@ -184,6 +210,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.baseline_src:
         cases["baseline compute_statistics"] = calibration_pass(load_package_copy(args.baseline_src.resolve()))
     cases["covariance products only"] = statistics_products()
+    cases["per-sample |W*G| reductions only"] = sensitivity_reductions()
     times = measure(cases, model, batches, args.repeats)
     wall = {name: [w for w, _ in values] for name, values in times.items()}
     cpu = {name: [c for _, c in values] for name, values in times.items()}
@@ -212,6 +239,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "ratio_to_floor_wall": {name: value / medians["floor"] for name, value in medians.items()},
         "ratio_to_floor_cpu": {name: value / cpu_medians["floor"] for name, value in cpu_medians.items()},
     }
+    # The method's own arithmetic on top of the floor, and what is left of compute_statistics beyond it.
+    own = sum(medians[name] for name in ("covariance products only", "per-sample |W*G| reductions only"))
+    result["floor_plus_method_arithmetic"] = (medians["floor"] + own) / medians["floor"]
+    result["overhead_beyond_method_arithmetic"] = (medians["compute_statistics"] - medians["floor"] - own) / medians[
+        "floor"]
+    print(f"floor + the method's own products and reductions: {result['floor_plus_method_arithmetic']:.3f} x floor; "
+          f"compute_statistics beyond that: {result['overhead_beyond_method_arithmetic']:+.3f} x floor")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -7,6 +7,8 @@ import importlib
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -21,7 +23,13 @@ def test_calibration_speed_tiny_writes_ratios_for_every_case(tmp_path):
         ["--tiny", "--repeats", "1", "--baseline-src", str(Path(tlora.__file__).parent), "--output", str(output)]
     )
     assert output.exists()
-    cases = {"floor", "compute_statistics", "baseline compute_statistics", "covariance products only"}
+    cases = {"floor", "compute_statistics", "baseline compute_statistics", "covariance products only",
+             "per-sample |W*G| reductions only"}
     assert set(result["median_wall_s"]) == cases and set(result["ratio_to_floor_cpu"]) == cases
     assert result["ratio_to_floor_wall"]["floor"] == 1.0
     assert len(result["batches"]) == 2 and all(shape[0] == 4 and shape[1] <= 32 for shape in result["batches"])
+    medians = result["median_wall_s"]
+    own = medians["covariance products only"] + medians["per-sample |W*G| reductions only"]
+    assert result["floor_plus_method_arithmetic"] == pytest.approx(1.0 + own / medians["floor"])
+    assert result["overhead_beyond_method_arithmetic"] == pytest.approx(
+        (medians["compute_statistics"] - medians["floor"] - own) / medians["floor"])
