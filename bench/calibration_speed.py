@@ -92,14 +92,40 @@ def load_package_copy(source: Path, name: str = "tlora_baseline") -> ModuleType:
     return module
 
 
-def calibration_pass(package: ModuleType) -> Callable[[torch.nn.Module, list[dict]], object]:
-    """compute_statistics of `package` with the default TLoRAConfig(r=8) on the seven projections."""
+def calibration_pass(package: ModuleType, **options) -> Callable[[torch.nn.Module, list[dict]], object]:
+    """compute_statistics of `package` with TLoRAConfig(r=8, **options) on the seven projections."""
 
     def run(model: torch.nn.Module, batches: list[dict]) -> object:
-        config = package.TLoRAConfig(r=8, target_modules=TARGETS)
+        config = package.TLoRAConfig(r=8, target_modules=TARGETS, **options)
         return package.compute_statistics(model, batches, config, show_progress=False)
 
     return run
+
+
+def plan_agreement(model: torch.nn.Module, batches: list[dict]) -> dict:
+    """How far the cheaper sensitivity="batch" moves TLoRA's allocation from the method's per-sample definition on
+    the same batches: the modules whose rank differs, the largest rank difference and the largest relative
+    difference of the normalised sensitivities."""
+    from tlora import TLoRAConfig, compute_statistics
+    from tlora.pipeline import plan_from_statistics
+
+    plans, shares = {}, {}
+    for mode in ("per_sample", "batch"):
+        config = TLoRAConfig(r=8, target_modules=TARGETS, sensitivity=mode)
+        statistics_ = compute_statistics(model, batches, config, show_progress=False)
+        plans[mode] = {m.name: m.rank for m in plan_from_statistics(statistics_, config).modules}
+        values = statistics_.sensitivities()
+        total = sum(values.values())
+        shares[mode] = {name: value / total for name, value in values.items()}
+    names = sorted(plans["per_sample"])
+    differences = [abs(plans["per_sample"][n] - plans["batch"][n]) for n in names]
+    return {
+        "modules": len(names),
+        "modules_with_another_rank": sum(d > 0 for d in differences),
+        "largest_rank_difference": max(differences),
+        "largest_relative_sensitivity_share_difference": max(
+            abs(shares["batch"][n] - shares["per_sample"][n]) / shares["per_sample"][n] for n in names),
+    }
 
 
 def statistics_products() -> Callable[[torch.nn.Module, list[dict]], object]:
@@ -206,7 +232,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model = load_model(args.tiny)
     max_length = 32 if args.tiny else 192
     batches = make_batches(model.config.vocab_size, 2, 8 if not args.tiny else 4, max_length)
-    cases: dict[str, Callable] = {"floor": floor_pass, "compute_statistics": calibration_pass(tlora)}
+    cases: dict[str, Callable] = {"floor": floor_pass, "compute_statistics": calibration_pass(tlora),
+                                  "compute_statistics, sensitivity='batch'": calibration_pass(tlora, sensitivity="batch")}
     if args.baseline_src:
         cases["baseline compute_statistics"] = calibration_pass(load_package_copy(args.baseline_src.resolve()))
     cases["covariance products only"] = statistics_products()
@@ -216,10 +243,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     cpu = {name: [c for _, c in values] for name, values in times.items()}
     medians = {name: statistics.median(values) for name, values in wall.items()}
     cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
-    print(f"{'case':30s} {'wall s':>8s} {'x floor':>8s} {'CPU s':>8s} {'x floor':>8s}  wall, all repeats")
+    print(f"{'case':40s} {'wall s':>8s} {'x floor':>8s} {'CPU s':>8s} {'x floor':>8s}  wall, all repeats")
     for name, value in medians.items():
         print(
-            f"{name:30s} {value:8.2f} {value / medians['floor']:8.3f} {cpu_medians[name]:8.2f} "
+            f"{name:40s} {value:8.2f} {value / medians['floor']:8.3f} {cpu_medians[name]:8.2f} "
             f"{cpu_medians[name] / cpu_medians['floor']:8.3f}  {[round(t, 2) for t in wall[name]]}"
         )
     if args.profile:
@@ -246,6 +273,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "floor"]
     print(f"floor + the method's own products and reductions: {result['floor_plus_method_arithmetic']:.3f} x floor; "
           f"compute_statistics beyond that: {result['overhead_beyond_method_arithmetic']:+.3f} x floor")
+    result["batch_sensitivity_plan"] = plan_agreement(model, batches)
+    agreement = result["batch_sensitivity_plan"]
+    print(f"sensitivity='batch' against 'per_sample': {agreement['modules_with_another_rank']} of "
+          f"{agreement['modules']} modules get another rank (largest difference "
+          f"{agreement['largest_rank_difference']}); sensitivity shares differ by up to "
+          f"{agreement['largest_relative_sensitivity_share_difference']:.1%}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     return result

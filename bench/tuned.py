@@ -349,6 +349,10 @@ def target_checks(summary: dict) -> list[dict]:
         checks.append(target_check(f"TLoRA - best tuned peer ({LABELS[best]}), test loss / LoRA's, mean over tasks",
                                    average["tlora"] - peers[best], 0.0, "<="))
         for option in (m for m in PROPOSED if m in average):
+            option_ratios = [summary[t][option]["parameters_over_lora"] for t in tasks if option in summary[t]]
+            if option_ratios:
+                checks.append(target_check(f"{LABELS[option]}: trainable parameters / LoRA's", max(option_ratios),
+                                           0.6))
             checks.append(target_check(f"{LABELS[option]} - best tuned peer ({LABELS[best]}), same measure",
                                        average[option] - peers[best], 0.0, "<="))
     return checks

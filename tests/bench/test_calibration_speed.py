@@ -23,8 +23,8 @@ def test_calibration_speed_tiny_writes_ratios_for_every_case(tmp_path):
         ["--tiny", "--repeats", "1", "--baseline-src", str(Path(tlora.__file__).parent), "--output", str(output)]
     )
     assert output.exists()
-    cases = {"floor", "compute_statistics", "baseline compute_statistics", "covariance products only",
-             "per-sample |W*G| reductions only"}
+    cases = {"floor", "compute_statistics", "compute_statistics, sensitivity='batch'", "baseline compute_statistics",
+             "covariance products only", "per-sample |W*G| reductions only"}
     assert set(result["median_wall_s"]) == cases and set(result["ratio_to_floor_cpu"]) == cases
     assert result["ratio_to_floor_wall"]["floor"] == 1.0
     assert len(result["batches"]) == 2 and all(shape[0] == 4 and shape[1] <= 32 for shape in result["batches"])
@@ -33,3 +33,7 @@ def test_calibration_speed_tiny_writes_ratios_for_every_case(tmp_path):
     assert result["floor_plus_method_arithmetic"] == pytest.approx(1.0 + own / medians["floor"])
     assert result["overhead_beyond_method_arithmetic"] == pytest.approx(
         (medians["compute_statistics"] - medians["floor"] - own) / medians["floor"])
+    agreement = result["batch_sensitivity_plan"]
+    assert agreement["modules"] > 0 and 0 <= agreement["modules_with_another_rank"] <= agreement["modules"]
+    assert (agreement["largest_rank_difference"] > 0) == (agreement["modules_with_another_rank"] > 0)
+    assert agreement["largest_relative_sensitivity_share_difference"] >= 0

@@ -98,3 +98,21 @@ def test_a_proposed_option_runs_only_when_named_and_is_never_the_peer_tlora_is_m
     checks = {check["target"].split(" (")[0]: check["met"] for check in tuned.target_checks(summary)}
     assert checks == {"TLoRA trainable parameters / LoRA's": True, "TLoRA - best tuned peer": False,
                       "TLoRA, uniform scales": True}
+
+
+def test_a_proposed_option_with_a_larger_budget_is_held_to_the_parameter_bound_too(tmp_path):
+    common, finetune, tuned = _load("common"), _load("finetune"), _load("tuned")
+    config = {"r": 32, "lora_alpha": 32, "max_steps": 1, "batch_size": 1, "learning_rate": 1e-3, "seed": 0,
+              "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "cutoff_len": 32, "calibration_samples": 2,
+              "calibration_batch_size": 1, "eva_max_passes": 1}
+    data = {"train_file": "t.jsonl", "loss_file": "l.jsonl"}
+    command = finetune.training_command("math", "tlora_wide", 0, config, data, "base", tmp_path, "cpu")
+    assert command[command.index("--method") + 1] == "tlora"
+    assert command[command.index("--lora_r") + 1] == "43" and command[command.index("--lora_alpha") + 1] == "43"
+    label = common.LABELS["tlora_wide"]
+    summary = {"complete_tasks": ["math"],
+               "math": {"tlora": {"parameters_over_lora": 0.44}, "tlora_wide": {"parameters_over_lora": 0.61}},
+               "average": {"lora": 1.0, "tlora": 1.01, "tlora_wide": 0.97}}
+    checks = {check["target"]: check["met"] for check in tuned.target_checks(summary)}
+    assert checks[f"{label}: trainable parameters / LoRA's"] is False
+    assert checks[f"{label} - best tuned peer (LoRA r), same measure"] is True
