@@ -2,8 +2,10 @@
 `TLoRAConfig(r=8)`, all seven projections) versus forward+backward passes with gradients on the 210 target weights
 only, over the same 2 padded batches x 8 samples of <= 192 tokens (labels on the response part). Two more cases
 time only what TLoRA's arithmetic adds to the floor's work — the covariance / `W C` products (same shapes and calls,
-random rows) and the per-sample reductions sum |W * G_s| — which says how much of the difference is the method's own
-arithmetic rather than overhead.
+random rows) and the per-sample reductions sum |W * G_s| (on cold buffers: an upper bound of their cost inside the
+pass). One profiled call of the floor and of compute_statistics then says where the time beyond the floor goes (the
+method's own arithmetic, padded-row gathers, copies, hooks). A last case times sensitivity="batch", and the script
+reports how far that cheaper mode moves the allocated ranks from the method's per-sample definition.
 
 Cases run interleaved in one process (floor, tlora, [baseline], then reversed, ...) and the table shows medians.
 `--baseline-src DIR` also times another copy of the package (e.g. `git archive <commit> peft/src/tlora | tar -x -C
@@ -216,6 +218,39 @@ def profile_case(run: Callable, model: torch.nn.Module, batches: list[dict], row
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+# Operators of compute_statistics' profile, grouped by what they do beyond the floor's work.
+PROFILE_GROUPS = {
+    "covariance / W C products": ("aten::addmm_",),
+    "per-sample |W * G_s| reductions": ("aten::mul_", "aten::abs", "aten::abs_", "aten::sum"),
+    "padded-row gathers": ("aten::index_select", "aten::index"),
+    "copies and fills": ("aten::copy_", "aten::fill_", "aten::zero_"),
+    "per-sample gradient products against the batched ones": ("aten::mm",),
+}
+METHOD_ARITHMETIC = ("covariance / W C products", "per-sample |W * G_s| reductions")
+
+
+def self_cpu_by_operator(run: Callable, model: torch.nn.Module, batches: list[dict]) -> dict[str, float]:
+    """Self CPU seconds per operator of one call, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(model, batches)
+    return {event.key: event.self_cpu_time_total / 1e6 for event in prof.key_averages()}
+
+
+def profile_excess(model: torch.nn.Module, batches: list[dict], floor: Callable, calibration: Callable) -> dict:
+    """Where compute_statistics' self CPU time beyond the floor's goes (one profiled call of each): seconds per group
+    of PROFILE_GROUPS, the rest, and the method's own arithmetic and everything else as fractions of the floor."""
+    base, ours = self_cpu_by_operator(floor, model, batches), self_cpu_by_operator(calibration, model, batches)
+    floor_total, excess_total = sum(base.values()), sum(ours.values()) - sum(base.values())
+    groups = {name: sum(ours.get(op, 0.0) - base.get(op, 0.0) for op in ops) for name, ops in PROFILE_GROUPS.items()}
+    groups["everything else (hooks, autograd, loss split)"] = excess_total - sum(groups.values())
+    method = sum(groups[name] for name in METHOD_ARITHMETIC)
+    return {"floor_self_cpu_s": floor_total, "excess_self_cpu_s": excess_total, "excess_by_group_s": groups,
+            "method_arithmetic_over_floor": method / floor_total,
+            "other_excess_over_floor": (excess_total - method) / floor_total}
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     """Measure, print the table and write bench/results/calibration_speed.json."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -266,13 +301,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "ratio_to_floor_wall": {name: value / medians["floor"] for name, value in medians.items()},
         "ratio_to_floor_cpu": {name: value / cpu_medians["floor"] for name, value in cpu_medians.items()},
     }
-    # The method's own arithmetic on top of the floor, and what is left of compute_statistics beyond it.
-    own = sum(medians[name] for name in ("covariance products only", "per-sample |W*G| reductions only"))
-    result["floor_plus_method_arithmetic"] = (medians["floor"] + own) / medians["floor"]
-    result["overhead_beyond_method_arithmetic"] = (medians["compute_statistics"] - medians["floor"] - own) / medians[
-        "floor"]
-    print(f"floor + the method's own products and reductions: {result['floor_plus_method_arithmetic']:.3f} x floor; "
-          f"compute_statistics beyond that: {result['overhead_beyond_method_arithmetic']:+.3f} x floor")
+    # Where the time beyond the floor goes, from the profiler (the isolated cases above run on cold buffers and so
+    # overstate what the same arithmetic costs inside the pass, where its inputs were just written).
+    result["profile_excess"] = excess = profile_excess(model, batches, cases["floor"], cases["compute_statistics"])
+    print(f"compute_statistics beyond the floor, self CPU (profiler): {excess['excess_self_cpu_s']:.2f} s of the "
+          f"floor's {excess['floor_self_cpu_s']:.2f} s")
+    for name, seconds in excess["excess_by_group_s"].items():
+        print(f"  {name:55s} {seconds:+7.2f} s  {seconds / excess['floor_self_cpu_s']:+.3f} x floor")
+    print(f"the method's own arithmetic: {excess['method_arithmetic_over_floor']:.3f} x floor; everything else: "
+          f"{excess['other_excess_over_floor']:+.3f} x floor")
     result["batch_sensitivity_plan"] = plan_agreement(model, batches)
     agreement = result["batch_sensitivity_plan"]
     print(f"sensitivity='batch' against 'per_sample': {agreement['modules_with_another_rank']} of "

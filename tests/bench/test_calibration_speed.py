@@ -28,11 +28,12 @@ def test_calibration_speed_tiny_writes_ratios_for_every_case(tmp_path):
     assert set(result["median_wall_s"]) == cases and set(result["ratio_to_floor_cpu"]) == cases
     assert result["ratio_to_floor_wall"]["floor"] == 1.0
     assert len(result["batches"]) == 2 and all(shape[0] == 4 and shape[1] <= 32 for shape in result["batches"])
-    medians = result["median_wall_s"]
-    own = medians["covariance products only"] + medians["per-sample |W*G| reductions only"]
-    assert result["floor_plus_method_arithmetic"] == pytest.approx(1.0 + own / medians["floor"])
-    assert result["overhead_beyond_method_arithmetic"] == pytest.approx(
-        (medians["compute_statistics"] - medians["floor"] - own) / medians["floor"])
+    excess = result["profile_excess"]
+    assert excess["floor_self_cpu_s"] > 0
+    assert sum(excess["excess_by_group_s"].values()) == pytest.approx(excess["excess_self_cpu_s"])
+    method = sum(excess["excess_by_group_s"][name] for name in calibration_speed.METHOD_ARITHMETIC)
+    assert excess["method_arithmetic_over_floor"] == pytest.approx(method / excess["floor_self_cpu_s"])
+    assert excess["excess_by_group_s"]["covariance / W C products"] > 0  # the floor forms no covariance
     agreement = result["batch_sensitivity_plan"]
     assert agreement["modules"] > 0 and 0 <= agreement["modules_with_another_rank"] <= agreement["modules"]
     assert (agreement["largest_rank_difference"] > 0) == (agreement["modules_with_another_rank"] > 0)
