@@ -24,7 +24,7 @@ from transformers import HfArgumentParser
 from tlora.evaluation.code import MAX_NEW_TOKENS, code_generation_settings, generate_code_file
 from tlora.evaluation.code_data import DATASETS, tasks_to_generate
 from tlora.evaluation.common import (
-    ModelArguments,
+    GeneratorArguments,
     ProtocolArguments,
     backend_for,
     configure_logging,
@@ -77,7 +77,7 @@ def main() -> None:
     """Parse the arguments, build one backend and generate for each task."""
     configure_logging()
     model_arguments, arguments, protocol = HfArgumentParser(
-        (ModelArguments, CodeGenerationArguments, ProtocolArguments)
+        (GeneratorArguments, CodeGenerationArguments, ProtocolArguments)
     ).parse_args_into_dataclasses()
     if model_arguments.model is None:
         raise SystemExit("Pass --model PATH (a merged model directory, an adapter directory or a hub id).")

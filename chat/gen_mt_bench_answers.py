@@ -14,7 +14,7 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
-from tlora.evaluation.common import ModelArguments, backend_for, configure_logging
+from tlora.evaluation.common import GeneratorArguments, backend_for, configure_logging
 from tlora.evaluation.mt_bench import (
     DEFAULT_QUESTION_FILE,
     MAX_NEW_TOKENS,
@@ -55,7 +55,7 @@ class AnswerArguments:
 def main() -> None:
     """Parse the arguments, build the backend, answer both turns and write the answer file."""
     configure_logging()
-    model_arguments, arguments = HfArgumentParser((ModelArguments, AnswerArguments)).parse_args_into_dataclasses()
+    model_arguments, arguments = HfArgumentParser((GeneratorArguments, AnswerArguments)).parse_args_into_dataclasses()
     if model_arguments.model is None:
         raise SystemExit("Pass --model PATH (a merged model directory, an adapter directory or a hub id).")
     task = MTBenchEvaluation(

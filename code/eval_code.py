@@ -26,7 +26,7 @@ from transformers import HfArgumentParser
 
 from tlora.evaluation.code import MAX_NEW_TOKENS, code_generation_settings, evaluate_code
 from tlora.evaluation.common import (
-    ModelArguments,
+    GeneratorArguments,
     ProtocolArguments,
     backend_for,
     configure_logging,
@@ -95,7 +95,7 @@ def main() -> None:
     """Parse the arguments, then generate (with --model) or read (--predictions) and score."""
     configure_logging()
     model_arguments, arguments, protocol = HfArgumentParser(
-        (ModelArguments, CodeEvaluationArguments, ProtocolArguments)
+        (GeneratorArguments, CodeEvaluationArguments, ProtocolArguments)
     ).parse_args_into_dataclasses()
     backend = None
     if arguments.predictions is None and not arguments.score_references:

@@ -9,14 +9,14 @@ predictions file.
 openbookqa. Writes `<model dir>/eval/commonsense.json` (or --output) with per-task accuracies and their mean.
 """
 
-from tlora.evaluation.common import EvaluationArguments, ModelArguments, configure_logging, parse_arguments
+from tlora.evaluation.common import EvaluationArguments, GeneratorArguments, configure_logging, parse_arguments
 from tlora.evaluation.commonsense import CommonsenseArguments, run
 
 
 def main(argv=None) -> dict:
     """Parse the command line, evaluate, write the result and print a per-task summary."""
     model_arguments, evaluation_arguments, commonsense_arguments = parse_arguments(
-        (ModelArguments, EvaluationArguments, CommonsenseArguments), __doc__, argv
+        (GeneratorArguments, EvaluationArguments, CommonsenseArguments), __doc__, argv
     )
     configure_logging()
     result = run(model_arguments, evaluation_arguments, commonsense_arguments)

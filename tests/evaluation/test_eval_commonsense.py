@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from tlora.evaluation import commonsense
-from tlora.evaluation.common import DataFormatError, EvaluationArguments, ModelArguments, read_json_rows
+from tlora.evaluation.common import DataFormatError, EvaluationArguments, GeneratorArguments, read_json_rows
 from tlora.evaluation.commonsense import CommonsenseArguments, extract_answer, run
 from tlora.evaluation.generation import CallableBackend
 from tlora.data.prompts import format_prompt
@@ -47,7 +47,7 @@ def test_gold_outputs_score_one_and_wrong_answer_words_score_zero(shared_data, t
             tmp_path / f"predictions_{corrupt}.jsonl", sample_predictions(data_dir, SHIPPED_TASKS, corrupt)
         )
         result = run(
-            ModelArguments(),
+            GeneratorArguments(),
             EvaluationArguments(predictions=predictions),
             CommonsenseArguments(data_dir=str(data_dir), tasks=",".join(SHIPPED_TASKS)),
             write=False,
@@ -91,7 +91,7 @@ def test_headline_is_the_unweighted_mean_of_the_tasks(tmp_path):
     )
     output = tmp_path / "out" / "commonsense.json"
     result = run(
-        ModelArguments(model="tiny"),
+        GeneratorArguments(model="tiny"),
         EvaluationArguments(output=str(output)),
         CommonsenseArguments(data_dir=str(data_dir), tasks="boolq,piqa"),
         backend=backend,
@@ -113,7 +113,7 @@ def test_headline_is_the_unweighted_mean_of_the_tasks(tmp_path):
     ]
     assert predictions[0] == {"id": 0, "completion": "the correct answer is true\n", "task": "boolq"}
     rescored = run(
-        ModelArguments(),
+        GeneratorArguments(),
         EvaluationArguments(predictions=str(tmp_path / "out" / "commonsense_predictions.jsonl")),
         CommonsenseArguments(data_dir=str(data_dir), tasks="boolq,piqa"),
         write=False,
@@ -125,13 +125,14 @@ def test_missing_task_files_and_bad_arguments_are_clear_errors(shared_data, tmp_
     data_dir = str(shared_data / "commonsense")
     with pytest.raises(FileNotFoundError, match=r"\['hellaswag'\].*--tasks boolq,piqa"):
         run(
-            ModelArguments(), EvaluationArguments(predictions="x"), CommonsenseArguments(data_dir=data_dir), write=False
+            GeneratorArguments(), EvaluationArguments(predictions="x"), CommonsenseArguments(data_dir=data_dir),
+            write=False,
         )
     with pytest.raises(ValueError, match="Pass --data_dir"):
-        run(ModelArguments(), EvaluationArguments(predictions="x"), CommonsenseArguments(), write=False)
+        run(GeneratorArguments(), EvaluationArguments(predictions="x"), CommonsenseArguments(), write=False)
     with pytest.raises(ValueError, match="Unknown commonsense task"):
         run(
-            ModelArguments(),
+            GeneratorArguments(),
             EvaluationArguments(predictions="x"),
             CommonsenseArguments(data_dir=data_dir, tasks="boolq,siqa"),
             write=False,
@@ -139,7 +140,7 @@ def test_missing_task_files_and_bad_arguments_are_clear_errors(shared_data, tmp_
     bad = write_rows(tmp_path / "bad.jsonl", [{"id": 0, "task": "BoolQ", "completion": "true"}])
     with pytest.raises(DataFormatError, match="unknown task name"):
         run(
-            ModelArguments(),
+            GeneratorArguments(),
             EvaluationArguments(predictions=bad),
             CommonsenseArguments(data_dir=data_dir, tasks="boolq"),
             write=False,
@@ -147,7 +148,7 @@ def test_missing_task_files_and_bad_arguments_are_clear_errors(shared_data, tmp_
     no_task = write_rows(tmp_path / "no_task.jsonl", [{"id": 0, "completion": "true"}])
     with pytest.raises(DataFormatError, match="'task'"):
         run(
-            ModelArguments(),
+            GeneratorArguments(),
             EvaluationArguments(predictions=no_task),
             CommonsenseArguments(data_dir=data_dir, tasks="boolq"),
             write=False,
@@ -161,7 +162,7 @@ def test_wrong_answer_vocabulary_names_the_file(tmp_path):
     )
     with pytest.raises(DataFormatError, match=r"piqa/test.json, row 0: answer 'answer1'"):
         run(
-            ModelArguments(),
+            GeneratorArguments(),
             EvaluationArguments(predictions="x"),
             CommonsenseArguments(data_dir=str(tmp_path), tasks="piqa"),
             write=False,
@@ -238,7 +239,7 @@ def test_empty_repeated_unknown_and_unmatched_predictions_are_errors_naming_the_
         )
         with pytest.raises(DataFormatError, match=message):
             run(
-                ModelArguments(),
+                GeneratorArguments(),
                 EvaluationArguments(predictions=predictions),
                 CommonsenseArguments(data_dir=str(tmp_path), tasks="boolq"),
                 write=False,

@@ -14,7 +14,7 @@ from tlora.evaluation.answers import run_task
 from tlora.evaluation.common import (
     DataFormatError,
     EvaluationArguments,
-    ModelArguments,
+    GeneratorArguments,
     read_jsonl,
 )
 from tlora.evaluation.generation import CallableBackend
@@ -103,7 +103,7 @@ def test_gsm8k_gold_completions_score_one_and_corrupted_score_zero(shared_data, 
         )
         result = run_task(
             gsm8k.TASK,
-            ModelArguments(),
+            GeneratorArguments(),
             EvaluationArguments(data_file=data_file, predictions=predictions),
             write=False,
         )
@@ -184,7 +184,7 @@ def test_gsm8k_generates_with_the_hf_backend_then_rescoring_matches(tiny_model_d
     assert all(record["completion"] for record in result["records"])
     rescored = run_task(
         gsm8k.TASKS["paper"],
-        ModelArguments(),
+        GeneratorArguments(),
         EvaluationArguments(
             data_file=data_file, predictions=str(tmp_path / "generated_predictions.jsonl"), allow_subset=True
         ),
@@ -199,7 +199,7 @@ def test_default_output_is_inside_the_model_directory(tmp_path, shared_data):
     data_file = write_rows(tmp_path / "data.jsonl", [{"question": "1+1?", "answer": "2\n#### 2"}])
     arguments = EvaluationArguments(data_file=data_file)
     backend = CallableBackend(lambda prompt: "The answer is: 2\n### Instruction: next")
-    run_task(gsm8k.TASK, ModelArguments(model=str(model_dir)), arguments, backend=backend)
+    run_task(gsm8k.TASK, GeneratorArguments(model=str(model_dir)), arguments, backend=backend)
     result = json.loads((model_dir / "eval" / "gsm8k.json").read_text())
     assert result["accuracy"] == 1.0 and result["backend"] == "callable"
     assert result["records"][0]["completion"] == "The answer is: 2\n"
@@ -221,17 +221,20 @@ def test_malformed_files_name_the_file_and_line(tmp_path):
     data_file.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2", "answer": \n')
     with pytest.raises(DataFormatError, match=r"data.jsonl, line 2"):
         run_task(
-            gsm8k.TASK, ModelArguments(), EvaluationArguments(data_file=str(data_file), predictions="x"), write=False
+            gsm8k.TASK, GeneratorArguments(), EvaluationArguments(data_file=str(data_file), predictions="x"),
+            write=False,
         )
     data_file.write_text('{"question": "q", "answer": "#### 1"}\n{"query": "q2", "answer": "#### 2"}\n')
     with pytest.raises(DataFormatError, match=r"row 1 .*has \['answer', 'query'\]"):
         run_task(
-            gsm8k.TASK, ModelArguments(), EvaluationArguments(data_file=str(data_file), predictions="x"), write=False
+            gsm8k.TASK, GeneratorArguments(), EvaluationArguments(data_file=str(data_file), predictions="x"),
+            write=False,
         )
     data_file.write_text('{"question": "q", "answer": "1"}\n')
     with pytest.raises(DataFormatError, match="####"):
         run_task(
-            gsm8k.TASK, ModelArguments(), EvaluationArguments(data_file=str(data_file), predictions="x"), write=False
+            gsm8k.TASK, GeneratorArguments(), EvaluationArguments(data_file=str(data_file), predictions="x"),
+            write=False,
         )
     data_file.write_text('{"question": "q", "answer": "#### 1"}\n')
     for bad_row, message in (
@@ -243,7 +246,7 @@ def test_malformed_files_name_the_file_and_line(tmp_path):
         with pytest.raises(DataFormatError, match=message):
             run_task(
                 gsm8k.TASK,
-                ModelArguments(),
+                GeneratorArguments(),
                 EvaluationArguments(data_file=str(data_file), predictions=predictions),
                 write=False,
             )
@@ -312,7 +315,7 @@ def test_math_gold_completions_score_at_least_099_and_corrupted_score_zero(share
         predictions = write_rows(tmp_path / f"math_{corrupt}.jsonl", math_gold_completions(sample, corrupt))
         result = run_task(
             math_answers.TASK,
-            ModelArguments(),
+            GeneratorArguments(),
             EvaluationArguments(data_file=data_file, predictions=predictions),
             write=False,
         )
@@ -393,15 +396,15 @@ def test_duplicated_and_unknown_prediction_ids_name_the_file_line_and_id(task, t
         match=r"twice.jsonl, line 3 \(row 2\): id 0 appears twice \(first at "
         r".*twice.jsonl, line 1 \(row 0\)\)",
     ):
-        run_task(task, ModelArguments(), EvaluationArguments(predictions=duplicated, **arguments), write=False)
+        run_task(task, GeneratorArguments(), EvaluationArguments(predictions=duplicated, **arguments), write=False)
     unknown = write_rows(tmp_path / "unknown.jsonl", [{"id": 1, "completion": "a"}, {"id": 3, "completion": "b"}])
     with pytest.raises(
         DataFormatError,
         match=r"unknown.jsonl, line 2 \(row 1\): id 3 is outside the data file's "
         r"3 rows \(ids 0 to 2\)",
     ):
-        run_task(task, ModelArguments(), EvaluationArguments(predictions=unknown, **arguments), write=False)
+        run_task(task, GeneratorArguments(), EvaluationArguments(predictions=unknown, **arguments), write=False)
     # Predictions only for rows left out by --limit: nothing to score is an error, not 0/0.
     late = write_rows(tmp_path / "late.jsonl", [{"id": 2, "completion": "The answer is: 2"}])
     with pytest.raises(DataFormatError, match=r"late.jsonl has no prediction for any of the 1 rows evaluated"):
-        run_task(task, ModelArguments(), EvaluationArguments(predictions=late, limit=1, **arguments), write=False)
+        run_task(task, GeneratorArguments(), EvaluationArguments(predictions=late, limit=1, **arguments), write=False)

@@ -265,12 +265,12 @@ def test_vllm_serving_options_are_checked_before_vllm_starts(tiny_model_dir, tin
 def test_serve_adapter_flags_reach_the_backend_options():
     from transformers import HfArgumentParser
 
-    from tlora.evaluation.common import ModelArguments
+    from tlora.evaluation.common import GeneratorArguments
 
-    (arguments,) = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(
+    (arguments,) = HfArgumentParser(GeneratorArguments).parse_args_into_dataclasses(
         ["--model", "run", "--serve_adapter", "--max_lora_rank", "64"]
     )
     options = arguments.backend_options()
     assert (options["serve_adapter"], options["max_lora_rank"]) == (True, 64)
-    (default,) = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(["--model", "run"])
+    (default,) = HfArgumentParser(GeneratorArguments).parse_args_into_dataclasses(["--model", "run"])
     assert "serve_adapter" not in default.backend_options() and "max_lora_rank" not in default.backend_options()

@@ -8,7 +8,7 @@ import json
 import pytest
 from tlora.evaluation import gsm8k, math_answers, math_paper
 from tlora.evaluation.answers import run_task
-from tlora.evaluation.common import EvaluationArguments, ModelArguments, read_jsonl
+from tlora.evaluation.common import EvaluationArguments, GeneratorArguments, read_jsonl
 from tlora.evaluation.generation import CallableBackend
 from tlora.evaluation.protocols import PAPER_STOP_STRINGS
 
@@ -25,7 +25,7 @@ def score(task, data_file, completions, tmp_path, **arguments) -> dict:
     predictions = tmp_path / f"{task.name}_{task.protocol}.jsonl"
     predictions.write_text("".join(json.dumps({"id": i, "completion": c}) + "\n" for i, c in enumerate(completions)))
     evaluation = EvaluationArguments(data_file=str(data_file), predictions=str(predictions), **arguments)
-    return run_task(task, ModelArguments(), evaluation, write=False)
+    return run_task(task, GeneratorArguments(), evaluation, write=False)
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +157,12 @@ def test_paper_protocol_refuses_a_partial_test_set_unless_asked(math_rows, tmp_p
     backend = CallableBackend(lambda prompt: "The answer is: 2")
     with pytest.raises(ValueError, match=r"holds 500 math items.*all 5000.*--allow_subset"):
         run_task(
-            math_answers.TASKS["paper"], ModelArguments(), EvaluationArguments(data_file=str(partial)), backend=backend
+            math_answers.TASKS["paper"], GeneratorArguments(), EvaluationArguments(data_file=str(partial)),
+            backend=backend,
         )
     result = run_task(
         math_answers.TASKS["paper"],
-        ModelArguments(),
+        GeneratorArguments(),
         EvaluationArguments(data_file=str(partial), allow_subset=True),
         backend=backend,
         write=False,
@@ -172,7 +173,7 @@ def test_paper_protocol_refuses_a_partial_test_set_unless_asked(math_rows, tmp_p
     # The robust protocol scores any file, and records it.
     result = run_task(
         math_answers.TASKS["robust"],
-        ModelArguments(),
+        GeneratorArguments(),
         EvaluationArguments(data_file=str(partial), protocol="robust"),
         backend=backend,
         write=False,

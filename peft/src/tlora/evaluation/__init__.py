@@ -4,7 +4,7 @@ Every task is an `EvaluationTask` (`task.py`: data -> prompts -> generation -> s
 `evaluate_task`): GSM8K and MATH (`gsm8k`, `math_answers` on `answers.TaskSpec`), commonsense (`commonsense`), code
 (`code`, with `code_data`, `code_cleanup`, `code_scoring` and the sandbox: `sandbox`, `sandbox_judge`,
 `sandbox_solver`, `evalplus_judge`, `sandbox_probe`) and MT-Bench (`mt_bench`, `judge`). `common` holds the shared
-IO and command-line arguments (`ModelArguments`, `backend_for`), `models` resolves and loads `--model PATH`,
+IO and command-line arguments (`GeneratorArguments`, `backend_for`), `models` resolves and loads `--model PATH`,
 `generation` the vLLM / HF / callable backends and the one `generation_settings` builder, `protocols` the paper and
 robust protocols, `report` the results table. Nothing here imports `tlora.training`.
 """

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 from .common import (
     EvaluationArguments,
-    ModelArguments,
+    GeneratorArguments,
     backend_for,
     configure_logging,
     default_output_path,
@@ -240,7 +240,9 @@ class SingleFileEvaluation(AnswerEvaluation):
         return {"data_file": data.source, "num_data_rows": data.num_data_rows, **data.extra}
 
 
-def run_options(task: str, model_arguments: ModelArguments, arguments: EvaluationArguments, write: bool) -> RunOptions:
+def run_options(
+    task: str, model_arguments: GeneratorArguments, arguments: EvaluationArguments, write: bool
+) -> RunOptions:
     """The run options of an answer task: predictions, output (default beside the model) and limit."""
     output = (arguments.output or default_output_path(task, model_arguments.model)) if write else None
     return RunOptions(
@@ -250,7 +252,7 @@ def run_options(task: str, model_arguments: ModelArguments, arguments: Evaluatio
 
 def run_task(
     spec: TaskSpec,
-    model_arguments: ModelArguments,
+    model_arguments: GeneratorArguments,
     evaluation_arguments: EvaluationArguments,
     *,
     backend: Optional[GenerationBackend] = None,
@@ -276,7 +278,9 @@ def summary_line(result: dict) -> str:
 
 def main_for_task(tasks: Mapping[str, TaskSpec], description: str, argv: Optional[Sequence[str]] = None) -> dict:
     """The whole command line of a single-file task: parse arguments, pick the protocol, evaluate, write, print."""
-    model_arguments, evaluation_arguments = parse_arguments((ModelArguments, EvaluationArguments), description, argv)
+    model_arguments, evaluation_arguments = parse_arguments(
+        (GeneratorArguments, EvaluationArguments), description, argv
+    )
     configure_logging()
     result = run_task(tasks[check_protocol(evaluation_arguments.protocol)], model_arguments, evaluation_arguments)
     print(summary_line(result))

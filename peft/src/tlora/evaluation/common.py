@@ -1,5 +1,5 @@
 """Shared pieces of the evaluation tasks: data and predictions IO, the command-line arguments (one
-`ModelArguments` for the model that generates, one backend helper), output paths.
+`GeneratorArguments` for the model that generates, one backend helper), output paths.
 
 The task interface and its runner are in `task.py`; the answer tasks (GSM8K, MATH, commonsense) in `answers.py`.
 """
@@ -127,7 +127,7 @@ def predictions_path(output_path: str) -> str:
 
 
 @dataclass
-class ModelArguments:
+class GeneratorArguments:
     """Which model generates the answers, and how."""
 
     model: Optional[str] = field(
@@ -205,7 +205,7 @@ class ModelArguments:
         return options
 
 
-def backend_for(model_arguments: ModelArguments) -> GenerationBackend:
+def backend_for(model_arguments: GeneratorArguments) -> GenerationBackend:
     """The generation backend for `--model` with the command line's backend, dtype and options."""
     if model_arguments.model is None:
         raise ValueError("Pass --model PATH (a merged model directory, an adapter directory or a hub id) to generate.")
@@ -321,7 +321,7 @@ def parse_arguments(dataclass_types: tuple, description: str, argv: Optional[Seq
 
     parser = HfArgumentParser(dataclass_types, description=description, formatter_class=HelpFormatter)
     parsed = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
-    model_arguments = next(value for value in parsed if isinstance(value, ModelArguments))
+    model_arguments = next(value for value in parsed if isinstance(value, GeneratorArguments))
     evaluation_arguments = next(value for value in parsed if isinstance(value, EvaluationArguments))
     if model_arguments.model is None and evaluation_arguments.predictions is None:
         parser.error("pass --model PATH to generate and score, or --predictions FILE to score existing generations")
@@ -334,7 +334,7 @@ __all__ = [
     "DataFormatError",
     "EvaluationArguments",
     "HelpFormatter",
-    "ModelArguments",
+    "GeneratorArguments",
     "ProtocolArguments",
     "backend_for",
     "check_prediction_ids",

@@ -24,7 +24,7 @@ from .answers import AnswerEvaluation, EvaluationItem, accuracy, run_options
 from .common import (
     DataFormatError,
     EvaluationArguments,
-    ModelArguments,
+    GeneratorArguments,
     backend_for,
     read_json_rows,
     read_jsonl,
@@ -239,7 +239,7 @@ class CommonsenseEvaluation(AnswerEvaluation):
 
 
 def run(
-    model_arguments: ModelArguments,
+    model_arguments: GeneratorArguments,
     evaluation_arguments: EvaluationArguments,
     commonsense_arguments: CommonsenseArguments,
     *,
